@@ -1,0 +1,83 @@
+"""The op registration and dispatch mechanism (v4kernels/_dispatch.py) and the checks kit."""
+import pytest
+import torch
+
+import v4kernels
+from v4kernels import _checks
+from v4kernels._dispatch import OPS
+from v4kernels.testing import assert_close, calc_diff, kernel_backends, poisoned
+
+
+def test_every_op_is_registered_with_backend_kwarg():
+    assert OPS, "no ops registered"
+    for name, op in OPS.items():
+        schema = str(getattr(torch.ops.v4kernels, name).default._schema)
+        assert "str? backend=None" in schema, name
+        assert op.reference is not None and op.fake is not None
+
+
+def test_cpu_auto_is_reference(gen):
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    v4kernels.act_quant_fp8(x)
+    assert OPS["act_quant_fp8"].last_backend == "reference"
+
+
+def test_env_var_forces_backend(monkeypatch, gen):
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    monkeypatch.setenv("V4K_BACKEND", "reference")
+    v4kernels.act_quant_fp8(x)
+    assert OPS["act_quant_fp8"].last_backend == "reference"
+    monkeypatch.setenv("V4K_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="backend"):
+        v4kernels.act_quant_fp8(x)
+
+
+def test_forced_cuda_on_cpu_tensor_is_a_clear_error(gen):
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    with pytest.raises(NotImplementedError, match="cuda"):
+        v4kernels.act_quant_fp8(x, backend="cuda")
+
+
+def test_triton_backend_needs_interpreter_on_cpu(monkeypatch, gen):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    x = torch.randn(2, 128, generator=gen).bfloat16()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(NotImplementedError, match="TRITON_INTERPRET"):
+        v4kernels.act_quant_fp8(x, backend="triton")
+
+
+def test_checks_name_argument_expectation_and_value():
+    with pytest.raises(TypeError, match=r"x: expected dtype .*got torch.int32"):
+        _checks.check_tensor("x", torch.zeros(2, dtype=torch.int32), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"w: expected shape \(\*, 4\), got \(3, 5\)"):
+        _checks.check_tensor("w", torch.zeros(3, 5), shape=(None, 4))
+    with pytest.raises(ValueError, match="block: expected one of"):
+        _checks.check_choice("block", 7, (32, 64))
+    with pytest.raises(TypeError, match="expected a torch.Tensor"):
+        _checks.check_tensor("x", [1, 2])
+
+
+def test_assert_close_reports_worst_mismatch():
+    ref = torch.arange(10.0)
+    out = ref.clone()
+    out[7] += 1
+    with pytest.raises(AssertionError, match=r"at \(7,\)"):
+        assert_close(out, ref, atol=1e-3, rtol=0)
+    assert calc_diff(ref + 1, ref + 1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_poisoned_outputs_are_nan():
+    t = poisoned((3, 4), torch.bfloat16, "cpu")
+    assert torch.isnan(t).all()
+
+
+def test_kernel_backends_lists_what_can_run():
+    b = kernel_backends("act_quant_fp8")
+    assert "triton" in b  # interpreter on CPU, real GPU otherwise
+
+
+@pytest.mark.cuda
+def test_cuda_extension_loads_on_gpu():
+    assert v4kernels.cuda_extension_loaded(), v4kernels._ext.cuda_extension_error()
+    assert "cuda" in kernel_backends("act_quant_fp8")
