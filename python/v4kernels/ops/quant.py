@@ -30,8 +30,11 @@ def _fake_act_quant(x, block=128):
 
 
 def _cuda_act_quant(x, block=128):
+    xc = x.contiguous()
+    if xc.data_ptr() % 16:  # the kernel loads 16 bytes per lane
+        xc = xc.clone()
     q, s = _fake_act_quant(x, block)
-    torch.ops.v4kernels_C.act_quant_fp8_out(x.contiguous(), block, q, s.view(torch.uint8))
+    torch.ops.v4kernels_C.act_quant_fp8_out(xc, block, q, s.view(torch.uint8))
     return q, s
 
 
