@@ -84,8 +84,8 @@ def assert_bitwise_equal(out: torch.Tensor, ref: torch.Tensor, name="out", max_p
     """Same bytes (compares the raw bit patterns, so -0/+0 and NaN payloads count)."""
     if out.shape != ref.shape or out.dtype != ref.dtype:
         raise AssertionError(f"{name}: {tuple(out.shape)} {out.dtype} vs reference {tuple(ref.shape)} {ref.dtype}")
-    ob = out.contiguous().view(torch.uint8).reshape(out.shape + (-1,)) if out.dim() else out.view(torch.uint8)
-    rb = ref.contiguous().view(torch.uint8).reshape(ref.shape + (-1,)) if ref.dim() else ref.view(torch.uint8)
+    ob = out.contiguous().view(torch.uint8).reshape(out.shape + (out.element_size(),)) if out.dim() else out.view(torch.uint8)
+    rb = ref.contiguous().view(torch.uint8).reshape(ref.shape + (ref.element_size(),)) if ref.dim() else ref.view(torch.uint8)
     diff = (ob != rb).any(dim=-1) if ob.dim() > out.dim() else ob != rb
     n = int(diff.sum())
     if n:
