@@ -1,0 +1,339 @@
+"""The DeepSeek-V4 forward pass (spec §5, §7, §8, §9) on v4kernels ops, with paged caches.
+
+``Transformer(cfg, weights, device, backend=...)`` runs prefill (ragged batch, any start positions:
+chunked prefill) and decode (one token per sequence, each at its own position). Every hot step goes
+through a ``v4kernels`` op; ``backend="reference"`` runs the float32 references (DeepSeek's
+reference numerics, every fake-quantization point of the spec), ``"auto"`` the fastest kernels.
+
+Per block (spec §9): ``X = hc_post(Attn(attn_norm(hc_pre(X))), X)`` then the same with the MoE.
+Attention (spec §5): q/kv projections (FP8 linears), q head-norm and RoPE, window-KV write (FP8 nope
+quantization in the 584-byte row), indexer (CSA) and compressors updating their caches before the
+attention reads them, sparse attention with sinks and fused inverse RoPE, grouped ``wo_a`` (bf16)
+and ``wo_b`` (FP8).
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F_
+
+import v4kernels.ops.attention as attn_ops
+import v4kernels.ops.compressor as comp_ops
+import v4kernels.ops.indexer as idx_ops
+from v4kernels.ops import formats as fmt_ops
+from v4kernels.ops import mhc as mhc_ops
+from v4kernels.ops import moe as moe_ops
+from v4kernels.ops.linear import fp8_linear
+from v4kernels.ops.numerics import apply_rope, head_rms_norm, rms_norm
+from v4kernels.reference.linear import dequant_weight_fp8_block
+from v4kernels.reference.rope import rope_table
+
+from .cache import CacheManager
+from .config import ModelConfig
+from .weights import Weights, expert_stack
+
+
+@dataclass
+class Batch:
+    """One forward step: ``lens[b]`` new tokens of sequence ``seq_ids[b]`` starting at ``starts[b]``."""
+
+    seq_ids: List[int]
+    starts: List[int]
+    lens: List[int]
+    tokens: torch.Tensor  # int64 [T], sequence-major
+    cu_seqlens: torch.Tensor  # int32 [B+1]
+    seq_lens: torch.Tensor  # int32 [B] = start + len
+    start_pos: torch.Tensor  # int32 [B]
+    positions: torch.Tensor  # int32 [T]
+    tok_seq: torch.Tensor  # int32 [T], batch row of each token
+    slots: torch.Tensor  # int32 [B], compressor state slots
+    is_decode: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+class Timer:
+    """Wall time per op family (synchronizes the device around each region when enabled)."""
+
+    def __init__(self, device):
+        self.enabled = False
+        self.device = device
+        self.totals: Dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.totals[name] += time.perf_counter() - t0
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, weights: Weights, device="cpu", backend: Optional[str] = None,
+                 max_seqs: int = 4, max_context: Optional[int] = None, page_size: int = 64,
+                 moe_mode: str = "w4a8"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.backend = backend
+        self.moe_mode = moe_mode
+        self.w = {k: v.to(self.device) for k, v in weights.items()}
+        self.has_mtp = cfg.n_mtp_layers > 0 and any(k.startswith("mtp.0.") for k in self.w)
+        max_context = max_context or min(cfg.max_seq_len, 4096)
+        self.max_context = max_context
+        self.caches = CacheManager(cfg, self.device, max_seqs, max_context, page_size)
+        self.timer = Timer(self.device)
+        # RoPE tables: SWA layers (theta 10000, no YaRN) and compressed layers (160000 + YaRN).
+        self.rope = {}
+        for lid in range(len(cfg.compress_ratios)):
+            theta, yarn = cfg.rope_params(lid)
+            key = (theta, yarn)
+            if key not in self.rope:
+                c, s = rope_table(max_context + 1, theta, yarn)
+                self.rope[key] = (c.to(self.device), s.to(self.device))
+        # wo_a is used in bf16 (convert.py dequantizes it); experts stacked for the grouped GEMM.
+        self.wo_a = {}
+        self.experts = {}
+        for lid in range(len(cfg.compress_ratios)):
+            p = self._prefix(lid)
+            if p + "attn.wo_a.weight" not in self.w:
+                continue
+            wo = dequant_weight_fp8_block(self.w[p + "attn.wo_a.weight"], self.w[p + "attn.wo_a.scale"], torch.bfloat16)
+            self.wo_a[lid] = wo.view(cfg.o_groups, cfg.o_lora_rank, -1)
+            self.experts[lid] = [expert_stack(self.w, p + "ffn.", cfg.n_routed_experts, n) for n in ("w1", "w3", "w2")]
+
+    # ------------------------------------------------------------------ helpers
+    def _prefix(self, layer_id: int) -> str:
+        if layer_id < self.cfg.n_layers:
+            return f"layers.{layer_id}."
+        return f"mtp.{layer_id - self.cfg.n_layers}."
+
+    def _lin(self, x, name):
+        return fp8_linear(x, self.w[name + ".weight"], self.w[name + ".scale"], backend=self.backend)
+
+    def _rms(self, x, name):
+        return rms_norm(x, self.w[name].float(), self.cfg.norm_eps, backend=self.backend)
+
+    # ------------------------------------------------------------------ sequences
+    def new_sequence(self, seq_id: int) -> None:
+        self.caches.allocate(seq_id)
+
+    def release(self, seq_id: int) -> None:
+        self.caches.release(seq_id)
+
+    def make_batch(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> Batch:
+        """New tokens for each sequence, appended at its current length (reserves pages)."""
+        if len(seq_ids) != len(token_lists):
+            raise ValueError(f"token_lists: expected {len(seq_ids)} lists, got {len(token_lists)}")
+        starts, lens, toks = [], [], []
+        for s, t in zip(seq_ids, token_lists):
+            start = self.caches.length(s)
+            if len(t) == 0:
+                raise ValueError(f"token_lists: sequence {s} has no new tokens")
+            self.caches.reserve(s, start + len(t))
+            starts.append(start)
+            lens.append(len(t))
+            toks.extend(int(v) for v in t)
+        if toks and (min(toks) < 0 or max(toks) >= self.cfg.vocab_size):
+            raise ValueError(f"tokens: expected ids in [0, {self.cfg.vocab_size}), got [{min(toks)}, {max(toks)}]")
+        dev = self.device
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        positions = [st + j for st, n in zip(starts, lens) for j in range(n)]
+        tok_seq = [b for b, n in enumerate(lens) for _ in range(n)]
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+        return Batch(
+            list(seq_ids), starts, lens, torch.tensor(toks, dtype=torch.int64, device=dev), i32(cu),
+            i32([st + n for st, n in zip(starts, lens)]), i32(starts), i32(positions), i32(tok_seq),
+            i32([self.caches.slot(s) for s in seq_ids]), all(n == 1 for n in lens),
+        )
+
+    # ------------------------------------------------------------------ attention sub-layer
+    def _attention(self, lid: int, x: torch.Tensor, bt: Dict[str, torch.Tensor], batch: Batch, plan) -> torch.Tensor:
+        cfg, p, be = self.cfg, self._prefix(lid), self.backend
+        a = p + "attn."
+        T, H = x.shape[0], cfg.n_heads
+        ratio = cfg.compress_ratios[lid]
+        kind = cfg.layer_kind(lid)
+        cos, sin = self.rope[cfg.rope_params(lid)]
+        lc = self.caches.layers[lid]
+        ps = self.caches.page_size
+        pos = batch.positions
+        with self.timer("linear"):
+            qr = self._rms(self._lin(x, a + "wq_a"), a + "q_norm.weight")
+            q = self._lin(qr, a + "wq_b").view(T, H, cfg.head_dim)
+            kv = self._rms(self._lin(x, a + "wkv"), a + "kv_norm.weight")
+        with self.timer("norm_rope"):
+            q = apply_rope(head_rms_norm(q, cfg.norm_eps, backend=be), pos, cos, sin, backend=be)
+            kv = apply_rope(kv, pos, cos, sin, backend=be)
+        with self.timer("cache_write"):
+            wrows = _rows(bt["window"], batch.tok_seq, pos, ps)
+            fmt_ops.kv584_write(lc.window.data, wrows, kv, ps, backend=be)
+        indices = topk_lens = None
+        xf = None
+        if ratio > 0:
+            xf = x.float()
+        if ratio == 4:
+            with self.timer("indexer"):
+                ic = a + "indexer."
+                qi = self._lin(qr, ic + "wq_b").view(T, cfg.index_n_heads, cfg.index_head_dim)
+                qi = idx_ops.indexer_prepare_q(qi, pos, cos, sin, backend=be)
+                wts = F_.linear(x, self.w[ic + "weights_proj.weight"]) * (
+                    cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5)
+            with self.timer("compressor"):
+                self._compress(lid, "indexer", ic + "compressor.", xf, batch, lc.indexer, bt["indexer"],
+                               lc.idx_state_kv, lc.idx_state_score, cos, sin)
+            with self.timer("indexer"):
+                indices, topk_lens, _ = idx_ops.indexer_topk(
+                    qi, wts, lc.indexer.data, bt["indexer"], batch.tok_seq, pos, cfg.index_topk, ps, backend=be)
+        if ratio > 0:
+            with self.timer("compressor"):
+                self._compress(lid, "main", a + "compressor.", xf, batch, lc.compressed, bt["compressed"],
+                               lc.state_kv, lc.state_score, cos, sin)
+        with self.timer("attention"):
+            common = dict(
+                kind=kind, window_page_size=ps,
+                compressed_cache=lc.compressed.data if lc.compressed is not None else None,
+                compressed_block_table=bt.get("compressed"), compressed_page_size=ps,
+                attn_sink=self.w[a + "attn_sink"].float(), rope_cos=cos, rope_sin=sin, plan=plan, backend=be,
+            )
+            if batch.is_decode:
+                o, _ = attn_ops.sparse_attn_decode(
+                    q.view(T, 1, H, -1), lc.window.data, bt["window"], batch.seq_lens,
+                    indices=indices.view(T, 1, -1) if indices is not None else None,
+                    topk_lens=topk_lens, **common)
+                o = o.view(T, H, -1)
+            else:
+                o, _ = attn_ops.sparse_attn_prefill(
+                    q, batch.cu_seqlens, batch.seq_lens, lc.window.data, bt["window"], indices=indices,
+                    topk_lens=topk_lens, **common)
+        with self.timer("linear"):
+            G = cfg.o_groups
+            z = torch.einsum("tgd,grd->tgr", o.reshape(T, G, -1), self.wo_a[lid])  # bf16, as the reference
+            return self._lin(z.flatten(1), a + "wo_b")
+
+    def _compress(self, lid, kind, prefix, xf, batch, cache, block_table, state_kv, state_score, cos, sin):
+        kv = F_.linear(xf, self.w[prefix + "wkv.weight"].float())
+        score = F_.linear(xf, self.w[prefix + "wgate.weight"].float())
+        ratio = 4 if kind == "indexer" else self.cfg.compress_ratios[lid]
+        args = (self.w[prefix + "ape"], self.w[prefix + "norm.weight"].float(), cos, sin, cache.data, block_table,
+                self.caches.page_size, ratio, kind)
+        if batch.is_decode:
+            comp_ops.compress_kv_decode(kv, score, batch.positions, batch.slots, state_kv, state_score, *args,
+                                        backend=self.backend)
+        else:
+            comp_ops.compress_kv(kv, score, batch.cu_seqlens, batch.start_pos, batch.slots, state_kv, state_score,
+                                 *args, backend=self.backend)
+
+    # ------------------------------------------------------------------ MoE sub-layer
+    def _moe(self, lid: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        cfg, f = self.cfg, self._prefix(lid) + "ffn."
+        (w1, s1), (w3, s3), (w2, s2) = self.experts[lid]
+        hash_layer = f + "gate.tid2eid" in self.w
+        return moe_ops.moe_forward(
+            x, self.w[f + "gate.weight"], None if hash_layer else self.w[f + "gate.bias"],
+            w1, s1, w3, s3, w2, s2,
+            self.w[f + "shared_experts.w1.weight"], self.w[f + "shared_experts.w1.scale"],
+            self.w[f + "shared_experts.w3.weight"], self.w[f + "shared_experts.w3.scale"],
+            self.w[f + "shared_experts.w2.weight"], self.w[f + "shared_experts.w2.scale"],
+            tid2eid=self.w[f + "gate.tid2eid"] if hash_layer else None,
+            token_ids=batch.tokens if hash_layer else None,
+            topk=cfg.n_activated_experts, route_scale=cfg.route_scale, swiglu_limit=cfg.swiglu_limit,
+            mode=self.moe_mode, backend=self.backend,
+        )
+
+    # ------------------------------------------------------------------ block
+    def _block(self, lid: int, X: torch.Tensor, batch: Batch, plan) -> torch.Tensor:
+        p, be, cfg = self._prefix(lid), self.backend, self.cfg
+        bt = self.caches.block_tables(lid, batch.seq_ids)
+        hc = dict(norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters, backend=be)
+        with self.timer("mhc"):
+            y, post, comb = mhc_ops.mhc_pre(X, self.w[p + "hc_attn_fn"], self.w[p + "hc_attn_base"],
+                                            self.w[p + "hc_attn_scale"], **hc)
+            x = self._rms(y, p + "attn_norm.weight")
+        out = self._attention(lid, x, bt, batch, plan)
+        with self.timer("mhc"):
+            X = mhc_ops.mhc_post(out, X, post, comb, backend=be)
+            y, post, comb = mhc_ops.mhc_pre(X, self.w[p + "hc_ffn_fn"], self.w[p + "hc_ffn_base"],
+                                            self.w[p + "hc_ffn_scale"], **hc)
+            x = self._rms(y, p + "ffn_norm.weight")
+        with self.timer("moe"):
+            out = self._moe(lid, x, batch)
+        with self.timer("mhc"):
+            return mhc_ops.mhc_post(out, X, post, comb, backend=be)
+
+    def _head(self, X: torch.Tensor, prefix: str, norm: str) -> torch.Tensor:
+        cfg = self.cfg
+        with self.timer("mhc"):
+            h = mhc_ops.mhc_head(X, self.w[prefix + "hc_head_fn"], self.w[prefix + "hc_head_base"],
+                                 self.w[prefix + "hc_head_scale"], cfg.norm_eps, cfg.hc_eps, backend=self.backend)
+        with self.timer("head"):
+            return F_.linear(self._rms(h, norm).float(), self.w["head.weight"].float())
+
+    def _plan(self, batch: Batch):
+        H = self.cfg.n_heads
+        cap = max(1, self.max_context // 128)
+        if batch.is_decode:
+            return attn_ops.attention_plan(batch.seq_lens, H, s_q=1, csa_topk=self.cfg.index_topk, hca_capacity=cap)
+        return attn_ops.attention_plan(batch.seq_lens, H, cu_seqlens=batch.cu_seqlens, num_tokens=batch.num_tokens,
+                                       csa_topk=self.cfg.index_topk, hca_capacity=cap)
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(self, batch: Batch, all_logits: bool = False, return_streams: bool = False):
+        """Run the main stack on a batch; logits fp32 [T, vocab] (all) or [B, vocab] (last of each)."""
+        cfg = self.cfg
+        h = self.w["embed.weight"][batch.tokens]  # bf16 [T, d]
+        X = h[:, None, :].expand(-1, cfg.hc_mult, -1).contiguous()
+        plan = self._plan(batch)
+        for lid in range(cfg.n_layers):
+            X = self._block(lid, X, batch, plan)
+        sel = X if all_logits else X[batch.cu_seqlens[1:].long() - 1]
+        logits = self._head(sel, "", "norm.weight")
+        return (logits, X) if return_streams else logits
+
+    @torch.no_grad()
+    def mtp_forward(self, batch: Batch, X_main: torch.Tensor, next_tokens: torch.Tensor, all_logits: bool = False):
+        """The MTP block (spec §9): main stream state at position t and the token at t+1 predict t+2.
+
+        ``next_tokens`` int64 [T] are the tokens at positions t+1 of the batch's tokens; the MTP
+        layer keeps its own caches (same positions as the main model)."""
+        if not self.has_mtp:
+            raise RuntimeError("mtp_forward: the weights have no mtp.0.* tensors")
+        cfg, p, lid = self.cfg, "mtp.0.", cfg_mtp_layer(self.cfg)
+        e = self._rms(self.w["embed.weight"][next_tokens], p + "enorm.weight")
+        Xn = self._rms(X_main, p + "hnorm.weight")  # per stream over d
+        X = (self._lin(e, p + "e_proj")[:, None, :] + self._lin(Xn, p + "h_proj")).contiguous()
+        X = self._block(lid, X, batch, self._plan(batch))
+        sel = X if all_logits else X[batch.cu_seqlens[1:].long() - 1]
+        return self._head(sel, p, p + "norm.weight")
+
+    def prefill(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]], all_logits: bool = False):
+        return self.forward(self.make_batch(seq_ids, token_lists), all_logits)
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int]):
+        return self.forward(self.make_batch(seq_ids, [[t] for t in tokens]))
+
+
+def cfg_mtp_layer(cfg: ModelConfig) -> int:
+    return cfg.n_layers
+
+
+def _rows(block_table: torch.Tensor, tok_seq: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Physical window rows of the batch's tokens (int64 [T]; every page was reserved)."""
+    pos = positions.long()
+    page = block_table.long()[tok_seq.long(), pos // page_size]
+    return page * page_size + pos % page_size
