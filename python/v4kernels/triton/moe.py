@@ -1,0 +1,455 @@
+"""Triton kernels of the MoE family (reference: v4kernels/reference/moe.py, spec §8, §2.3).
+
+* ``_router_logits_kernel`` + ``_router_select_kernel``: gate GEMV/GEMM in fp32 (split-K partials
+  for small batches, summed in a fixed order), then sqrtsoftplus, biased top-k (ties to the lower
+  expert index) or hash lookup, normalisation and route scale.
+* ``_grouped_mxfp4_kernel``: ragged per-expert grouped GEMM on MXFP4 weights, W4A16 or W4A8, with
+  an optional fused W1/W3 + clamped SwiGLU + routing-weight epilogue. The E2M1 nibbles are decoded
+  with integer ops (no ``tl.dot_scaled``: it crashes under the interpreter and Hopper has no FP4
+  MMA); the tile's K order is permuted so a byte's two nibbles need no interleave: tile column
+  j < BK/2 holds the low nibble (even k) of byte j, column BK/2 + j its high nibble (odd k), and
+  the activation is loaded in the same order. A dot product does not depend on that order.
+* ``_combine_kernel``: per token, the sum of its grouped rows in increasing row (= expert) order
+  in fp32, plus the shared expert, then bf16. No atomics: deterministic.
+
+Under ``TRITON_INTERPRET=1`` every dot runs in fp32 on exactly decoded values (the same math).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import round_bf16
+
+ACT_BLOCK = 128
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _e8m0_to_f32(sb):
+    """e8m0 byte -> fp32 2^(sb-127), exact: 0 -> 2^-127 (subnormal), 255 -> NaN."""
+    s = sb.to(tl.uint32)
+    bits = tl.where(s == 0, 0x00400000, s << 23)
+    bits = tl.where(s == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_to_f32(code):
+    """E2M1 code (0..15, sign in bit 3) -> its fp32 value, from bits (exact)."""
+    c = code.to(tl.uint32)
+    mag = c & 7
+    e = mag >> 1
+    m = mag & 1
+    bits = tl.where(mag >= 2, ((e + 126) << 23) | (m << 22), tl.where(mag == 1, 126 << 23, 0))
+    bits = bits | ((c >> 3) << 31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_to_e4m3_bits(code):
+    """E2M1 code -> the e4m3 bit pattern of the same value (every E2M1 value is an e4m3 value)."""
+    c = code.to(tl.uint32)
+    mag = c & 7
+    e = mag >> 1
+    m = mag & 1
+    bits = tl.where(mag >= 2, ((e + 6) << 3) | (m << 2), tl.where(mag == 1, 6 << 3, 0))
+    return (bits | ((c >> 3) << 7)).to(tl.uint8)
+
+
+@triton.jit
+def _softplus(x):
+    """torch softplus (beta 1, threshold 20): x for x > 20, else max(x,0) + log1p(exp(-|x|))."""
+    z = tl.exp(-tl.abs(x))
+    lp = tl.where(z < 1e-4, z * (1.0 - 0.5 * z), tl.log(1.0 + z))
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + lp)
+
+
+# ---------------------------------------------------------------------------------------------
+# router
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _router_logits_kernel(
+    x_ptr, w_ptr, part_ptr, T, E, K, KS,
+    BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BF16_DOT: tl.constexpr,
+):
+    """part[s, t, e] = sum_{k in split s} x[t, k] * W[e, k]  (fp32 accumulation)."""
+    pid_t = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rows = pid_t * BT + tl.arange(0, BT)
+    cols = pid_e * BE + tl.arange(0, BE)
+    rmask = rows < T
+    cmask = cols < E
+    kk = tl.arange(0, BK)
+    acc = tl.zeros((BT, BE), dtype=tl.float32)
+    k_lo = pid_s * KS
+    for k0 in range(k_lo, tl.minimum(k_lo + KS, K), BK):
+        kmask = (k0 + kk) < K
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + (k0 + kk)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + (k0 + kk)[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if BF16_DOT:  # bf16 x bf16 products are exact in fp32: the same sum as an fp32 GEMM
+            acc += tl.dot(a, tl.trans(b))
+        else:
+            acc += tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    offs = pid_s.to(tl.int64) * T * E + rows[:, None].to(tl.int64) * E + cols[None, :]
+    tl.store(part_ptr + offs, acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _router_select_kernel(
+    part_ptr, bias_ptr, tid_ptr, tok_ptr, ids_ptr, w_ptr, T, E, V, SPLIT, TE, route_scale,
+    TOPK: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
+):
+    """s = sqrt(softplus(sum_s part[s])); ids = top-k(s + bias) (ties: lower id) or tid2eid[tok];
+    w = s[ids] / sum(s[ids]) * route_scale."""
+    pid = tl.program_id(0)
+    rows = pid * BT + tl.arange(0, BT)
+    rmask = rows < T
+    cols = tl.arange(0, EP)
+    cmask = cols < E
+    m2 = rmask[:, None] & cmask[None, :]
+    base = rows[:, None].to(tl.int64) * E + cols[None, :]
+    logits = tl.zeros((BT, EP), dtype=tl.float32)
+    for s in range(0, SPLIT):  # fixed order: deterministic
+        logits += tl.load(part_ptr + base + s * TE, mask=m2, other=0.0)
+    score = tl.sqrt(_softplus(logits))
+    kcols = tl.arange(0, KP)
+    ids = tl.full((BT, KP), -1, tl.int32)
+    wts = tl.zeros((BT, KP), dtype=tl.float32)
+    if HASH:
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        tok_ok = (tok >= 0) & (tok < V)
+        hid = tl.load(tid_ptr + tok[:, None] * TOPK + kcols[None, :],
+                      mask=(rmask & tok_ok)[:, None] & (kcols < TOPK)[None, :], other=-1).to(tl.int32)
+        hid = tl.where((hid >= 0) & (hid < E), hid, -1)
+        for j in tl.static_range(TOPK):
+            idj = tl.sum(tl.where(kcols[None, :] == j, hid, 0), axis=1)  # -1 (invalid) matches no column
+            wj = tl.sum(tl.where(cols[None, :] == idj[:, None], score, 0.0), axis=1)
+            ids = tl.where(kcols[None, :] == j, idj[:, None], ids)
+            wts = tl.where(kcols[None, :] == j, wj[:, None], wts)
+    else:
+        biased = score
+        if HAS_BIAS:
+            biased = biased + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+        biased = tl.where(cmask[None, :], biased, float("-inf"))
+        for j in tl.static_range(TOPK):
+            mx = tl.max(biased, axis=1)
+            idj = tl.min(tl.where(biased == mx[:, None], cols[None, :], EP), axis=1)
+            idj = tl.where(idj < E, idj, -1)  # NaN rows: no match, id -1 (never out of bounds)
+            hit = cols[None, :] == idj[:, None]
+            wj = tl.sum(tl.where(hit, score, 0.0), axis=1)
+            biased = tl.where(hit, float("-inf"), biased)
+            ids = tl.where(kcols[None, :] == j, idj[:, None], ids)
+            wts = tl.where(kcols[None, :] == j, wj[:, None], wts)
+    wts = wts / tl.sum(wts, axis=1)[:, None]
+    wts = wts * route_scale
+    omask = rmask[:, None] & (kcols < TOPK)[None, :]
+    ooffs = rows[:, None].to(tl.int64) * TOPK + kcols[None, :]
+    tl.store(ids_ptr + ooffs, ids, mask=omask)
+    tl.store(w_ptr + ooffs, wts, mask=omask)
+
+
+def moe_route(x, gate_weight, gate_bias=None, tid2eid=None, token_ids=None, topk=6, route_scale=1.0, split=None,
+              out=None):
+    T, K = x.shape
+    E = gate_weight.shape[0]
+    dev = x.device
+    if out is None:  # tests pass poisoned buffers through ``out``
+        out = (torch.empty(T, topk, dtype=torch.int32, device=dev), torch.empty(T, topk, dtype=torch.float32, device=dev))
+    ids, wts = out
+    if T == 0:
+        return ids, wts
+    interp = _interp()
+    xc, wc = x.contiguous(), gate_weight.contiguous()
+    bf16_dot = (not interp) and xc.dtype == torch.bfloat16 and wc.dtype == torch.bfloat16
+    if not bf16_dot and not interp:
+        xc, wc = xc.float(), wc.float()
+    BT, BE = 16, (32 if interp else 64)
+    BK = 64 if interp else 128
+    n_prog = triton.cdiv(T, BT) * triton.cdiv(E, BE)
+    if split is None:  # small batches: split K so the GEMV fills the GPU; partials summed in order
+        split = 1 if interp else max(1, min(16, 264 // n_prog, triton.cdiv(K, 4 * BK)))
+    KS = triton.cdiv(triton.cdiv(K, split), BK) * BK
+    split = triton.cdiv(K, KS)
+    part = torch.empty(split, T, E, dtype=torch.float32, device=dev)
+    _router_logits_kernel[(triton.cdiv(T, BT), triton.cdiv(E, BE), split)](
+        xc, wc, part, T, E, K, KS, BT=BT, BE=BE, BK=BK, BF16_DOT=bf16_dot, num_warps=4
+    )
+    EP = triton.next_power_of_2(E)
+    KP = triton.next_power_of_2(topk)
+    BT2 = 4 if EP >= 512 else 8
+    hashed = tid2eid is not None
+    dummy_i = ids
+    _router_select_kernel[(triton.cdiv(T, BT2),)](
+        part,
+        gate_bias.float().contiguous() if gate_bias is not None else part,
+        tid2eid.contiguous() if hashed else dummy_i,
+        token_ids.contiguous() if hashed else dummy_i,
+        ids, wts, T, E, tid2eid.shape[0] if hashed else 0, split, T * E, float(route_scale),
+        TOPK=topk, KP=KP, BT=BT2, EP=EP, HAS_BIAS=gate_bias is not None and not hashed, HASH=hashed, num_warps=4,
+    )
+    return ids, wts
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped GEMM
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _load_w_tile(w_ptr, s_ptr, wrow, srow, nmask, k0, BK: tl.constexpr, A8: tl.constexpr, DOT_F32: tl.constexpr):
+    """One [BN, BK] weight tile in the permuted K order (column j < BK/2: low nibble of byte j,
+    column BK/2 + j: high nibble). A8: e4m3 codes (unscaled, as fp8 or fp32 values). A16: values
+    E2M1 * 2^(e8m0-127), exact in bf16."""
+    HB: tl.constexpr = BK // 2
+    jj = tl.arange(0, BK)
+    byte = k0 // 2 + (jj % HB)
+    p = tl.load(w_ptr + wrow[:, None] + byte[None, :], mask=nmask[:, None], other=0)
+    code = tl.where((jj >= HB)[None, :], p >> 4, p & 15)
+    if A8:
+        if DOT_F32:
+            return _e2m1_to_f32(code)
+        return _e2m1_to_e4m3_bits(code).to(tl.float8e4nv, bitcast=True)
+    sb = tl.load(s_ptr + srow[:, None] + (byte // 16)[None, :], mask=nmask[:, None], other=127)
+    v = _e2m1_to_f32(code) * _e8m0_to_f32(sb)
+    if DOT_F32:
+        return v
+    return v.to(tl.bfloat16)
+
+
+@triton.jit
+def _grouped_mxfp4_kernel(
+    a_ptr, as_ptr, rid_ptr, rw_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, off_ptr, out_ptr,
+    M, N, K, Ma, E, num_n, limit,
+    HAS_RID: tl.constexpr, HAS_RW: tl.constexpr, SWIGLU: tl.constexpr, A8: tl.constexpr,
+    DOT_F32: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Grouped rows r of expert e (expert_offsets[e] <= r < expert_offsets[e+1]):
+        acc = A[row_ids[r]] @ W1_e^T     (A16: bf16 x dequantized bf16, fp32 accumulation;
+                                          A8: per 32-K chunk acc128 += dot32(xq, Wq) * sW, then
+                                          acc += acc128 * sx per 128-K block; sx factored exactly)
+        out = bf16(acc)                                                     (plain)
+        out = bf16(silu(min(bf16(acc1), L)) * clamp(bf16(acc3), -L, L) * w_r)   (SWIGLU)
+    Rows outside the expert groups, and rows whose row id is -1 or out of range, get 0.
+
+    Schedule: segments [0, off[0]), [off[e], off[e+1]) for each expert, [off[E], M) are cut into
+    BM-row tiles; program (tile, n-block) finds its segment by a prefix sum over the offsets, so
+    an expert with no rows costs nothing and no host synchronisation is needed."""
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    pid_t = pid // num_n
+    j = tl.arange(0, EP)
+    seg_lo = tl.load(off_ptr + (j - 1), mask=(j >= 1) & (j <= E + 1), other=0)
+    seg_hi = tl.load(off_ptr + j, mask=j <= E, other=0)
+    seg_hi = tl.where(j == E + 1, M, seg_hi)
+    seg_lo = tl.minimum(tl.maximum(seg_lo, 0), M)
+    seg_hi = tl.minimum(tl.maximum(seg_hi, 0), M)
+    cnt = tl.where(j < E + 2, tl.maximum(seg_hi - seg_lo, 0), 0)
+    tiles = (cnt + BM - 1) // BM
+    cum = tl.cumsum(tiles, 0)
+    seg = tl.sum((cum <= pid_t).to(tl.int32), axis=0)
+    first = tl.sum(tl.where(j == seg, cum - tiles, 0), axis=0)
+    lo = tl.sum(tl.where(j == seg, seg_lo, 0), axis=0)
+    hi = tl.sum(tl.where(j == seg, seg_hi, 0), axis=0)
+    is_expert = (seg >= 1) & (seg <= E)
+    e64 = tl.maximum(seg - 1, 0).to(tl.int64)
+
+    rows = lo + (pid_t - first) * BM + tl.arange(0, BM)
+    rmask = (rows < hi) & (seg < E + 2)
+    if HAS_RID:
+        src = tl.load(rid_ptr + rows, mask=rmask, other=-1)
+    else:
+        src = rows
+    amask = rmask & (src >= 0) & (src < Ma) & is_expert
+    src64 = tl.where(amask, src, 0).to(tl.int64)
+
+    cols = pid_n * BN + tl.arange(0, BN)
+    nmask = cols < N
+    KH = K // 2
+    KS = K // 32
+    wrow = e64 * N * KH + cols.to(tl.int64) * KH
+    srow = e64 * N * KS + cols.to(tl.int64) * KS
+
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc3 = tl.zeros((BM, BN), dtype=tl.float32)
+    n_k = tl.where(is_expert, K // BK, 0)
+    if A8:
+        # BK = 128 (one activation scale); four 32-K chunks, each with its own weight scale
+        HC: tl.constexpr = 16
+        jc = tl.arange(0, 32)
+        acol = 2 * (jc % HC) + (jc >= HC).to(tl.int32)  # permuted K order of the weight tile
+        for kb in range(0, n_k):
+            p1 = tl.zeros((BM, BN), dtype=tl.float32)
+            p3 = tl.zeros((BM, BN), dtype=tl.float32)
+            for c in tl.static_range(4):
+                k0 = kb * 128 + c * 32
+                a = tl.load(a_ptr + src64[:, None] * K + (k0 + acol)[None, :], mask=amask[:, None], other=0.0)
+                wt = _load_w_tile(w1_ptr, s1_ptr, wrow, srow, nmask, k0, 32, True, DOT_F32)
+                sw = _e8m0_to_f32(tl.load(s1_ptr + srow + k0 // 32, mask=nmask, other=127))
+                p1 += tl.dot(a, tl.trans(wt)) * sw[None, :]
+                if SWIGLU:
+                    wt3 = _load_w_tile(w3_ptr, s3_ptr, wrow, srow, nmask, k0, 32, True, DOT_F32)
+                    sw3 = _e8m0_to_f32(tl.load(s3_ptr + srow + k0 // 32, mask=nmask, other=127))
+                    p3 += tl.dot(a, tl.trans(wt3)) * sw3[None, :]
+            sx = _e8m0_to_f32(tl.load(as_ptr + src64 * (K // 128) + kb, mask=amask, other=127))
+            acc1 += p1 * sx[:, None]
+            if SWIGLU:
+                acc3 += p3 * sx[:, None]
+    else:
+        HB: tl.constexpr = BK // 2
+        jk = tl.arange(0, BK)
+        acol = 2 * (jk % HB) + (jk >= HB).to(tl.int32)
+        for kk in range(0, n_k):
+            k0 = kk * BK
+            a = tl.load(a_ptr + src64[:, None] * K + (k0 + acol)[None, :], mask=amask[:, None], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+            wt = _load_w_tile(w1_ptr, s1_ptr, wrow, srow, nmask, k0, BK, False, DOT_F32)
+            acc1 += tl.dot(a, tl.trans(wt))
+            if SWIGLU:
+                wt3 = _load_w_tile(w3_ptr, s3_ptr, wrow, srow, nmask, k0, BK, False, DOT_F32)
+                acc3 += tl.dot(a, tl.trans(wt3))
+
+    if SWIGLU:
+        g = tl.minimum(round_bf16(acc1), limit)
+        u = tl.minimum(tl.maximum(round_bf16(acc3), -limit), limit)
+        h = g / (1.0 + tl.exp(-g)) * u
+        if HAS_RW:
+            h = h * tl.load(rw_ptr + rows, mask=amask, other=0.0)[:, None]
+        res = round_bf16(h)
+    else:
+        res = round_bf16(acc1)
+    res = tl.where(amask[:, None], res, 0.0)
+    optr = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(optr, res.to(tl.bfloat16), mask=rmask[:, None] & nmask[None, :])
+
+
+def _config(M, E, N, a8):
+    if _interp():
+        return 16, min(256, max(16, triton.next_power_of_2(N))), 128, 4, 1  # big tiles: the interpreter pays per op
+    rows_per_expert = M / max(1, min(E, M))
+    if rows_per_expert <= 16:
+        BM, BN, warps, stages = 16, 64, 4, 4
+    elif rows_per_expert <= 64:
+        BM, BN, warps, stages = 64, 128, 4, 3
+    else:
+        BM, BN, warps, stages = 128, 128, 8, 3
+    return BM, BN, 128, warps, stages
+
+
+def _prep_act(a, a_scale, mode):
+    """Kernel operands for the activation: (values, scales or None)."""
+    if mode == "w4a16":
+        return a.contiguous(), None
+    if a.dtype != torch.float8_e4m3fn:
+        from .quant import act_quant_fp8
+
+        a, a_scale = act_quant_fp8(a.contiguous(), ACT_BLOCK)
+    sv = a_scale.contiguous().view(torch.uint8)
+    if _interp():  # the interpreter's fp8 loads are wrong: hand it the exact fp32 values
+        return a.float().contiguous(), sv
+    return a.contiguous(), sv
+
+
+def _launch(a, a_scale, w1, s1, w3, s3, expert_offsets, row_ids, row_weights, mode, limit, swiglu, out=None):
+    E, N, KH = w1.shape
+    K = 2 * KH
+    Ma = a.shape[0]
+    M = Ma if row_ids is None else row_ids.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    a8 = mode == "w4a8"
+    av, sv = _prep_act(a, a_scale, mode)
+    BM, BN, BK, warps, stages = _config(M, E, N, a8)
+    num_n = triton.cdiv(N, BN)
+    tiles = min(M, triton.cdiv(M, BM) + min(E + 2, M))
+    EP = triton.next_power_of_2(E + 2)
+    w1u = w1.contiguous().view(torch.uint8)
+    s1u = s1.contiguous().view(torch.uint8)
+    w3u = w3.contiguous().view(torch.uint8) if swiglu else w1u
+    s3u = s3.contiguous().view(torch.uint8) if swiglu else s1u
+    off = expert_offsets.to(torch.int32).contiguous()
+    rid = row_ids.to(torch.int32).contiguous() if row_ids is not None else off
+    rw = row_weights.float().contiguous() if row_weights is not None else out
+    _grouped_mxfp4_kernel[(tiles * num_n,)](
+        av, sv if sv is not None else off, rid, rw, w1u, s1u, w3u, s3u, off, out,
+        M, N, K, Ma, E, num_n, float(limit),
+        HAS_RID=row_ids is not None, HAS_RW=row_weights is not None, SWIGLU=swiglu, A8=a8,
+        DOT_F32=_interp(), EP=EP, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def moe_grouped_gemm_mxfp4(a, a_scale, w, w_scale, expert_offsets, row_ids=None, mode="w4a8", out=None):
+    return _launch(a, a_scale, w, w_scale, None, None, expert_offsets, row_ids, None, mode, 0.0, False, out)
+
+
+def moe_grouped_swiglu_mxfp4(
+    a, a_scale, w1, w1_scale, w3, w3_scale, expert_offsets, row_ids=None, row_weights=None, mode="w4a8", swiglu_limit=10.0,
+    out=None,
+):
+    return _launch(a, a_scale, w1, w1_scale, w3, w3_scale, expert_offsets, row_ids, row_weights, mode, swiglu_limit, True,
+                   out)
+
+
+# ---------------------------------------------------------------------------------------------
+# combine
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _combine_kernel(
+    y_ptr, pr_ptr, rw_ptr, sh_ptr, out_ptr, M, N, TOPK,
+    KP: tl.constexpr, BN: tl.constexpr, HAS_RW: tl.constexpr, HAS_SH: tl.constexpr, OUT_F32: tl.constexpr,
+):
+    """out[t] = (sum over the token's rows r, in increasing r, of fp32(y[r]) * w[r]) + fp32(shared[t])."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    kk = tl.arange(0, KP)
+    r = tl.load(pr_ptr + t * TOPK + kk, mask=kk < TOPK, other=-1)
+    r = tl.where((r >= 0) & (r < M), r, M)
+    cols = pid_n * BN + tl.arange(0, BN)
+    nmask = cols < N
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for _ in tl.static_range(KP):
+        m = tl.min(r, axis=0)
+        ok = m < M
+        v = tl.load(y_ptr + m.to(tl.int64) * N + cols, mask=nmask & ok, other=0.0).to(tl.float32)
+        if HAS_RW:
+            v = v * tl.load(rw_ptr + m, mask=ok, other=0.0)
+        acc += v
+        r = tl.where(r == m, M, r)
+    if HAS_SH:
+        acc += tl.load(sh_ptr + t * N + cols, mask=nmask, other=0.0).to(tl.float32)
+    if OUT_F32:
+        tl.store(out_ptr + t * N + cols, acc, mask=nmask)
+    else:
+        tl.store(out_ptr + t * N + cols, round_bf16(acc).to(tl.bfloat16), mask=nmask)
+
+
+def moe_combine(y, pair_rows, row_weights=None, shared=None, fp32_out=False, out=None):
+    T, k = pair_rows.shape
+    M, N = y.shape
+    if out is None:
+        out = torch.empty(T, N, dtype=torch.float32 if fp32_out else torch.bfloat16, device=y.device)
+    if T == 0 or N == 0:
+        return out
+    BN = min(1024, triton.next_power_of_2(N)) if not _interp() else min(256, triton.next_power_of_2(N))
+    yc = y.contiguous()
+    _combine_kernel[(T, triton.cdiv(N, BN))](
+        yc, pair_rows.to(torch.int32).contiguous(),
+        row_weights.float().contiguous() if row_weights is not None else yc,
+        shared.contiguous() if shared is not None else yc, out, M, N, k,
+        KP=triton.next_power_of_2(k), BN=BN, HAS_RW=row_weights is not None, HAS_SH=shared is not None,
+        OUT_F32=fp32_out, num_warps=4,
+    )
+    return out
