@@ -1,0 +1,317 @@
+"""Indexer scores and fused top-k over the paged FP4/FP8 key cache (spec §4, §6.3).
+
+Exact cases (E2M1 queries/keys, weights k/8): every backend computes the same fp32 scores, so the
+selected sets, their order (ties -> lower index) and the lengths must be identical. Random cases
+(real FP4 quantization): logits within tolerance, selected sets overlap.
+"""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import v4kernels.ops.indexer as ops
+from v4kernels.reference import indexer as ref
+from v4kernels.testing import assert_close, kernel_backends, make_generator, run_opcheck
+
+from _idx_cases import make_case
+
+BACKENDS = kernel_backends("indexer_topk")
+LOGIT_BACKENDS = kernel_backends("indexer_logits")
+FMTS = ["idx_fp4", "idx_fp8"]
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_topk(case, topk, backend, **tri_kwargs):
+    want = ref.indexer_topk(*case.args(topk))
+    dev = _dev()
+    c = case.to(dev)
+    if tri_kwargs:  # force the chunk / merge-tree shape through the Triton launcher
+        from v4kernels.triton import indexer as tri
+
+        got = tri.indexer_topk(*c.args(topk), **tri_kwargs)
+    else:
+        got = ops.indexer_topk(*c.args(topk), backend=backend)
+    case.to("cpu")
+    for name, g, w in zip(("indices", "lengths", "kv_rows"), got, want):
+        if not torch.equal(g.cpu(), w):
+            bad = (g.cpu() != w).nonzero()[:6].tolist()
+            raise AssertionError(f"{name} differ at {bad}:\n got {g.cpu()[:4]}\n want {w[:4]}")
+    return want
+
+
+def _properties(case, idx, lengths, topk):
+    """Independent of any backend: visibility rule, -1 padding, no duplicates, lengths."""
+    lim = ref.visible_limit(case.seq_ids, case.positions, case.block_table.shape[0], case.n_entries)
+    for i in range(idx.shape[0]):
+        n = int(lengths[i])
+        row = idx[i]
+        assert bool((row[n:] == -1).all()), f"token {i}: slots past length {n} must be -1: {row}"
+        v = row[:n]
+        assert bool((v >= 0).all()) and bool((v < lim[i]).all()), f"token {i}: invisible entry in {v}"
+        assert v.unique().numel() == n
+
+
+# ----------------------------------------------------------------------------- exact selections
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_topk_identical_on_exact_scores(backend, fmt, page_size, gen):
+    # contexts below, at and above topk; ties are frequent (integer-ish scores) and must resolve alike
+    case = make_case(gen, [5, 16, 45], [1, 2, 3], page_size=page_size, heads=16, fmt=fmt)
+    want = _check_topk(case, 16, backend)
+    _properties(case, want[0], want[1], 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk,group", [(16, 2), (32, 4), (64, 8)])
+def test_topk_merge_trees(backend, chunk, group, gen):
+    # many chunks per query and several merge levels (chunk 16, group 2: 6 chunks -> 3 -> 2 -> final)
+    case = make_case(gen, [90], [2], page_size=8, heads=16)
+    _check_topk(case, 8, backend, chunk=chunk, group=group, block_n=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_64_heads_non_pow2_topk(backend, gen):
+    case = make_case(gen, [30, 7], [1, 1], page_size=16, heads=64)
+    _check_topk(case, 12, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_visibility_rule_at_every_position_mod_4(backend, gen):
+    # one sequence with 24 entries; queries at every position 0..40: counts (p+1)//4 below/above topk
+    pos = list(range(0, 41, 3)) + [1, 2, 3, 4, 5, 6, 7, 94, 95, 96, 97, 98]
+    case = make_case(gen, [24], [len(pos)], page_size=4, heads=16, positions=[pos])
+    want = _check_topk(case, 8, backend)
+    idx, lengths = want[0], want[1]
+    for i, p in enumerate(pos):
+        vis = min((p + 1) // 4, 24)
+        assert int(lengths[i]) == min(8, vis), (p, lengths[i])
+    _properties(case, idx, lengths, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_page_holes_and_empty_sequences(backend, gen):
+    # seq 0: pages 1 and 3 missing; seq 1: length 0 (no pages); seq 2: every page missing
+    case = make_case(gen, [40, 0, 20], [2, 1, 1], page_size=8, heads=16, holes=[[1, 3], [], [0, 1, 2]])
+    want = _check_topk(case, 16, backend)
+    idx, lengths = want[0], want[1]
+    pages = torch.where(idx >= 0, idx // 8, -1)
+    assert not bool(((pages == 1) | (pages == 3))[:2].any()), "entries on missing pages were selected"
+    assert int(lengths[0]) == 16 and int(lengths[2]) == 0 and int(lengths[3]) == 0
+    # the logits of missing pages are -inf (never read: the unwritten bytes there would give NaN)
+    for be in ["reference"] + LOGIT_BACKENDS:
+        c = case.to(_dev())
+        lg = ops.indexer_logits(*c.args(), backend=be).cpu()
+        case.to("cpu")
+        assert bool(torch.isinf(lg[:2, 8:16]).all()) and bool(torch.isinf(lg[3]).all())
+        assert not bool(torch.isnan(lg).any())
+
+
+def _hypothesis_case(backend, lens, tps, page_size, topk, fmt, seed):
+    g = make_generator(seed)
+    case = make_case(g, lens, [tps] * len(lens), page_size=page_size, heads=16, fmt=fmt)
+    want = _check_topk(case, topk, backend)
+    _properties(case, want[0], want[1], topk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=8)  # the interpreter's tl.topk costs seconds per call
+@given(
+    lens=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    tps=st.integers(1, 3),
+    page_size=st.sampled_from([1, 4, 16, 64]),
+    topk=st.sampled_from([4, 8, 13]),
+    fmt=st.sampled_from(FMTS),
+    seed=st.integers(0, 2**31),
+)
+def test_topk_hypothesis(backend, lens, tps, page_size, topk, fmt, seed):
+    _hypothesis_case(backend, lens, tps, page_size, topk, fmt, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40)
+@given(
+    lens=st.lists(st.integers(0, 200), min_size=1, max_size=5),
+    tps=st.integers(1, 4),
+    page_size=st.sampled_from([1, 4, 16, 64]),
+    topk=st.sampled_from([4, 8, 13, 32]),
+    fmt=st.sampled_from(FMTS),
+    seed=st.integers(0, 2**31),
+)
+def test_topk_hypothesis_large(backend, lens, tps, page_size, topk, fmt, seed):
+    _hypothesis_case(backend, lens, tps, page_size, topk, fmt, seed)
+
+
+# ----------------------------------------------------------------------------- random (quantized) inputs
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+@pytest.mark.parametrize("fmt", FMTS)
+def test_logits_kernel_vs_reference(backend, fmt, gen):
+    case = make_case(gen, [37, 50], [2, 1], page_size=16, heads=64, fmt=fmt, exact=False)
+    want = ref.indexer_logits(*case.args())
+    got = ops.indexer_logits(*case.to(_dev()).args(), backend=backend).cpu()
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite)
+    scale = want[finite].abs().max()
+    assert_close(got[finite], want[finite], atol=1e-5 * float(scale), rtol=1e-5, name="logits")
+
+
+def test_reference_fp32_vs_model_bf16_scores(gen):
+    case = make_case(gen, [60], [2], page_size=16, heads=64, exact=False)
+    a = ref.indexer_logits(*case.args())
+    b = ref.indexer_logits(*case.args(), bf16_scores=True)
+    f = torch.isfinite(a)
+    assert torch.equal(f, torch.isfinite(b))
+    assert (a[f] - b[f]).abs().max() <= 0.02 * a[f].abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_overlap_on_random_inputs(backend, gen):
+    case = make_case(gen, [70, 33], [2, 1], page_size=16, heads=64, exact=False)
+    want = ref.indexer_topk(*case.args(16))
+    got = ops.indexer_topk(*case.to(_dev()).args(16), backend=backend)
+    assert torch.equal(got[1].cpu(), want[1])
+    for i in range(want[0].shape[0]):
+        a = set(want[0][i].tolist()) - {-1}
+        b = set(got[0][i].cpu().tolist()) - {-1}
+        assert len(a & b) >= 0.9 * len(a), (i, a ^ b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend, gen):
+    case = make_case(gen, [50], [2], page_size=16, heads=16, exact=False).to(_dev())
+    a = ops.indexer_topk(*case.args(8), backend=backend)
+    b = ops.indexer_topk(*case.args(8), backend=backend)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+# ----------------------------------------------------------------------------- out-of-bounds safety
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_masks_bad_indices(backend, gen):
+    """Past the CPU checks (as on CUDA, where values are not checked): bad page ids, sequence ids and
+    positions are masked, never dereferenced, and mean 'invisible'."""
+    from v4kernels.triton import indexer as tri
+
+    case = make_case(gen, [30, 30], [1, 1], page_size=8, heads=16)
+    n_pages = case.cache.shape[0]
+    bt = case.block_table.clone()
+    bt[0, 1] = n_pages + 5       # page id past the cache
+    bt[1, 0] = 2**31 - 1         # huge page id
+    case.block_table = bt
+    seq = torch.tensor([0, 1, 7, -3], dtype=torch.int32)  # two bad sequence ids
+    pos = torch.tensor([200, 119, 50, 50])
+    case.seq_ids, case.positions = seq, pos
+    case.q = torch.cat([case.q, case.q])
+    case.weights = torch.cat([case.weights, case.weights])
+    ref_bt = bt.clone()
+    ref_bt[0, 1] = -1
+    ref_bt[1, 0] = -1
+    good = torch.tensor([0, 1, 0, 0], dtype=torch.int32)
+    want = ref.indexer_topk(case.q, case.weights, case.cache, ref_bt, good, pos, 8, 8, case.n_entries)
+    dev = _dev()
+    c = case.to(dev)
+    got = tri.indexer_topk(*c.args(8))
+    lg = tri.indexer_logits(*c.args()).cpu()
+    assert torch.equal(got[0][:2].cpu(), want[0][:2]) and torch.equal(got[1][:2].cpu(), want[1][:2])
+    assert bool((got[0][2:].cpu() == -1).all()) and bool((got[1][2:].cpu() == 0).all())
+    assert bool(torch.isinf(lg[0, 8:16]).all()) and bool(torch.isinf(lg[2:]).all())
+    pos_neg = torch.tensor([-5, -1, 0, 2], device=dev)
+    got = tri.indexer_topk(c.q, c.weights, c.cache, c.block_table, torch.zeros(4, dtype=torch.int32, device=dev),
+                           pos_neg, 8, 8, c.n_entries)
+    assert bool((got[0].cpu() == -1).all()) and bool((got[1].cpu() == 0).all())
+
+
+def test_bad_inputs(gen):
+    case = make_case(gen, [20], [1], page_size=8, heads=16)
+    a = list(case.args(8))
+
+    def call(i, v, exc, match):
+        b = list(a)
+        b[i] = v
+        with pytest.raises(exc, match=match):
+            ops.indexer_topk(*b)
+
+    call(0, case.q.float(), TypeError, "q: expected dtype")
+    call(0, case.q[:, :, :64], ValueError, "q: expected head dim 128")
+    call(0, torch.zeros(1, 24, 128, dtype=torch.bfloat16), ValueError, "q: expected 16, 32, 64 or 128 heads")
+    call(1, case.weights[:, :8], ValueError, "weights: expected shape")
+    call(2, case.cache[:, :-1], ValueError, "key_cache: expected .* bytes per page")
+    call(2, case.cache.view(torch.int8), TypeError, "key_cache: expected dtype")
+    call(3, case.block_table.long(), TypeError, "block_table: expected dtype torch.int32")
+    call(3, torch.full_like(case.block_table, 99), ValueError, r"block_table: expected page ids in \[-1,")
+    call(4, torch.tensor([3], dtype=torch.int32), ValueError, r"seq_ids: expected values in \[0, 1\)")
+    call(5, torch.tensor([-1]), ValueError, "positions: expected values >= 0")
+    call(5, torch.tensor([1.0]), TypeError, "positions: expected dtype")
+    call(6, 0, ValueError, r"topk: expected a value in \[1, 2048\]")
+    call(7, 0, ValueError, "page_size: expected >= 1")
+    call(8, 10**6, ValueError, "n_entries: expected a value in")
+    call(9, "fp4", ValueError, "fmt: expected one of")
+    call(10, case.kv_block_table[:, :0].expand(2, 0).contiguous(), ValueError, "kv_block_table: expected 1 rows")
+    call(11, 0, ValueError, "kv_page_size: expected >= 1")
+    with pytest.raises(TypeError, match="weights: expected dtype"):
+        ops.indexer_logits(case.q, case.weights.half(), *case.args()[2:])
+
+
+def test_opcheck(gen, device):
+    case = make_case(gen, [20, 9], [1, 2], page_size=8, heads=16).to(device)
+    run_opcheck(torch.ops.v4kernels.indexer_topk.default, case.args(8))
+    args = list(case.args(8))
+    args[10] = None  # no kv table: kv_rows is [T, 0]
+    run_opcheck(torch.ops.v4kernels.indexer_topk.default, tuple(args))
+    run_opcheck(torch.ops.v4kernels.indexer_logits.default, case.args())
+
+
+def test_seq_ids_from_cu_seqlens():
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    assert ops.seq_ids_from_cu_seqlens(cu, 7).tolist() == [0, 0, 0, 2, 2, 2, 2]
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cuda_graph_decode_long_context(fmt):
+    g = make_generator("cuda-graph")
+    case = make_case(g, [5000, 20000, 1], [1, 2, 1], page_size=64, heads=64, fmt=fmt).to("cuda")
+    want = ref.indexer_topk(*case.args(512))
+    ops.indexer_topk(*case.args(512), backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.indexer_topk(*case.args(512), backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    for o, w in zip(out, want):
+        assert torch.equal(o.cpu(), w.cpu())
+
+
+@pytest.mark.cuda
+def test_cuda_prefill_ragged():
+    g = make_generator("cuda-prefill")
+    n = 3000
+    pos = list(range(0, 4 * n, 7))
+    case = make_case(g, [n, 900], [len(pos), 300], page_size=64, heads=64,
+                     positions=[pos, list(range(3300, 3600))]).to("cuda")
+    want = ref.indexer_topk(*case.args(1024))
+    out = ops.indexer_topk(*case.args(1024), backend="triton")
+    for o, w in zip(out, want):
+        assert torch.equal(o.cpu(), w.cpu())
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+def test_nan_scale_key_is_nan_logit_and_last_in_topk(backend, gen):
+    # a key whose scale byte is the e8m0 NaN (0xFF): NaN score in the logits, ranked as -inf in top-k
+    from v4kernels import formats
+
+    case = make_case(gen, [12], [1], page_size=4, heads=16)
+    row = int(formats.positions_to_rows(case.block_table, torch.zeros(1, dtype=torch.long), torch.tensor([5]), 4))
+    page, off = divmod(row, 4)
+    case.cache[page, 4 * 64 + off * 4 + 2] = 0xFF
+    want = ref.indexer_logits(*case.args())
+    assert bool(torch.isnan(want[0, 5]))
+    got = ops.indexer_logits(*case.to(_dev()).args(), backend=backend).cpu()
+    assert bool(torch.isnan(got[0, 5])) and torch.equal(torch.isnan(got), torch.isnan(want))
+    idx, lengths, _ = ops.indexer_topk(*case.args(16), backend=backend)
+    w_idx, w_len, _ = ref.indexer_topk(*case.to("cpu").args(16))
+    assert torch.equal(idx.cpu(), w_idx) and int(w_len[0]) == 12 and int(w_idx[0, 11]) == 5
