@@ -7,11 +7,18 @@
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/tensor.h>
 
+#include <cstdint>
+#include <optional>
+
 #include "common/stream.h"
 
 namespace v4k {
 void act_quant_fp8_launch(const void* x, void* q, void* s, int64_t rows, int64_t cols, int64_t block,
                           int device, cudaStream_t stream);
+void moe_mxfp4_decode_launch(const void* a, const void* a_scale, const void* w0, const void* ws0,
+                             const void* w1, const void* ws1, const int* offsets, const int* row_ids,
+                             const float* row_weights, void* out, int64_t E, int64_t N, int64_t K, int64_t M,
+                             int64_t Ma, int64_t mode, double limit, cudaStream_t stream);
 }
 
 namespace {
@@ -31,14 +38,102 @@ void act_quant_fp8_out(Tensor x, int64_t block, Tensor q, Tensor s) {
                             v4k::current_stream(device));
 }
 
+// ---- MXFP4 grouped GEMM, decode regime (csrc/moe/mxfp4_decode.cu) ----
+// Python (v4kernels/cuda/moe.py) hands over byte views: a e4m3 as uint8 (mode 0) or bf16 (mode 1),
+// e8m0 scales as uint8, int32 offsets / row ids, fp32 row weights; all contiguous, 16-byte aligned.
+void check_mxfp4_weight(const char* name, const Tensor& w, const Tensor& ws, int64_t E, int64_t N, int64_t K) {
+  STD_TORCH_CHECK(w.is_cuda() && ws.is_cuda() && w.is_contiguous() && ws.is_contiguous(), name,
+                  ": contiguous CUDA tensors expected");
+  STD_TORCH_CHECK(w.dim() == 3 && w.element_size() == 1 && w.size(0) == E && w.size(1) == N && w.size(2) == K / 2,
+                  name, ": expected uint8 [E, N, K/2]");
+  STD_TORCH_CHECK(ws.dim() == 3 && ws.element_size() == 1 && ws.size(0) == E && ws.size(1) == N &&
+                      ws.size(2) == K / 32, name, " scale: expected e8m0 bytes [E, N, K/32]");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0,
+                  name, ": 16-byte aligned data expected");
+}
+
+void moe_mxfp4_decode_common(const Tensor& a, const std::optional<Tensor>& a_scale, const Tensor& w0,
+                             const Tensor& ws0, const Tensor* w1, const Tensor* ws1, const Tensor& expert_offsets,
+                             const std::optional<Tensor>& row_ids, const std::optional<Tensor>& row_weights,
+                             int64_t mode, double limit, Tensor& out) {
+  STD_TORCH_CHECK(mode == 0 || mode == 1, "moe_mxfp4_decode: mode must be 0 (w4a8) or 1 (w4a16)");
+  STD_TORCH_CHECK(w0.dim() == 3, "moe_mxfp4_decode: w must be [E, N, K/2]");
+  const int64_t E = w0.size(0), N = w0.size(1), K = 2 * w0.size(2);
+  STD_TORCH_CHECK(K > 0 && K % 128 == 0, "moe_mxfp4_decode: K must be a positive multiple of 128");
+  check_mxfp4_weight("w", w0, ws0, E, N, K);
+  if (w1 != nullptr) check_mxfp4_weight("w3", *w1, *ws1, E, N, K);
+  STD_TORCH_CHECK(a.is_cuda() && a.is_contiguous() && a.dim() == 2 && a.size(1) == K &&
+                      a.element_size() == (mode == 0 ? 1 : 2),
+                  "moe_mxfp4_decode: a must be contiguous [Ma, K] e4m3 (w4a8) or bf16 (w4a16)");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0, "moe_mxfp4_decode: a must be 16-byte aligned");
+  const int64_t Ma = a.size(0);
+  const void* sp = nullptr;
+  if (mode == 0) {
+    STD_TORCH_CHECK(a_scale.has_value(), "moe_mxfp4_decode: w4a8 needs a_scale");
+    const Tensor& s = *a_scale;
+    STD_TORCH_CHECK(s.is_cuda() && s.is_contiguous() && s.dim() == 2 && s.size(0) == Ma && s.size(1) == K / 128 &&
+                        s.element_size() == 1,
+                    "moe_mxfp4_decode: a_scale must be contiguous e8m0 bytes [Ma, K/128]");
+    sp = s.data_ptr();
+  }
+  STD_TORCH_CHECK(expert_offsets.is_cuda() && expert_offsets.is_contiguous() && expert_offsets.dim() == 1 &&
+                      expert_offsets.size(0) == E + 1 && expert_offsets.element_size() == 4,
+                  "moe_mxfp4_decode: expert_offsets must be contiguous int32 [E+1]");
+  int64_t M = Ma;
+  const int* rid = nullptr;
+  if (row_ids.has_value()) {
+    const Tensor& r = *row_ids;
+    STD_TORCH_CHECK(r.is_cuda() && r.is_contiguous() && r.dim() == 1 && r.element_size() == 4,
+                    "moe_mxfp4_decode: row_ids must be contiguous int32 [M]");
+    M = r.size(0);
+    rid = static_cast<const int*>(r.data_ptr());
+  }
+  const float* rw = nullptr;
+  if (row_weights.has_value()) {
+    const Tensor& r = *row_weights;
+    STD_TORCH_CHECK(r.is_cuda() && r.is_contiguous() && r.dim() == 1 && r.size(0) == M && r.element_size() == 4,
+                    "moe_mxfp4_decode: row_weights must be contiguous fp32 [M]");
+    rw = static_cast<const float*>(r.data_ptr());
+  }
+  STD_TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
+                      out.element_size() == 2,
+                  "moe_mxfp4_decode: out must be contiguous bf16 [M, N]");
+  const int device = out.get_device_index();
+  v4k::DeviceGuard guard(device);
+  v4k::moe_mxfp4_decode_launch(a.data_ptr(), sp, w0.data_ptr(), ws0.data_ptr(), w1 ? w1->data_ptr() : nullptr,
+                               ws1 ? ws1->data_ptr() : nullptr, static_cast<const int*>(expert_offsets.data_ptr()),
+                               rid, rw, out.data_ptr(), E, N, K, M, Ma, mode, limit, v4k::current_stream(device));
+}
+
+void moe_mxfp4_decode_gemm(Tensor a, std::optional<Tensor> a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets,
+                           std::optional<Tensor> row_ids, int64_t mode, Tensor out) {
+  moe_mxfp4_decode_common(a, a_scale, w, w_scale, nullptr, nullptr, expert_offsets, row_ids, std::nullopt, mode,
+                          0.0, out);
+}
+
+void moe_mxfp4_decode_swiglu(Tensor a, std::optional<Tensor> a_scale, Tensor w1, Tensor w1_scale, Tensor w3,
+                             Tensor w3_scale, Tensor expert_offsets, std::optional<Tensor> row_ids,
+                             std::optional<Tensor> row_weights, int64_t mode, double swiglu_limit, Tensor out) {
+  moe_mxfp4_decode_common(a, a_scale, w1, w1_scale, &w3, &w3_scale, expert_offsets, row_ids, row_weights, mode,
+                          swiglu_limit, out);
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(v4kernels_C, m) {
   m.def("act_quant_fp8_out(Tensor x, int block, Tensor(a!) q, Tensor(b!) s) -> ()");
+  m.def("moe_mxfp4_decode_gemm(Tensor a, Tensor? a_scale, Tensor w, Tensor w_scale, Tensor expert_offsets, "
+        "Tensor? row_ids, int mode, Tensor(a!) out) -> ()");
+  m.def("moe_mxfp4_decode_swiglu(Tensor a, Tensor? a_scale, Tensor w1, Tensor w1_scale, Tensor w3, "
+        "Tensor w3_scale, Tensor expert_offsets, Tensor? row_ids, Tensor? row_weights, int mode, "
+        "float swiglu_limit, Tensor(a!) out) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {
   m.impl("act_quant_fp8_out", TORCH_BOX(&act_quant_fp8_out));
+  m.impl("moe_mxfp4_decode_gemm", TORCH_BOX(&moe_mxfp4_decode_gemm));
+  m.impl("moe_mxfp4_decode_swiglu", TORCH_BOX(&moe_mxfp4_decode_swiglu));
 }
 
 // Importing v4kernels._C runs the static registrations above; the module itself is empty.
