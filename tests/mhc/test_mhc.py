@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 
 from v4kernels.ops import mhc as ops
 from v4kernels.reference import mhc as ref
-from v4kernels.testing import (assert_bitwise_equal as _assert_bitwise_equal, assert_close, assert_all_written, kernel_backends,
-                               make_generator, run_opcheck)
+from v4kernels.testing import (assert_bitwise_equal as _assert_bitwise_equal, assert_close, assert_all_written, calc_diff,
+                               kernel_backends, make_generator, run_opcheck)
 
 BACKENDS = kernel_backends("mhc_pre")
 POST_BACKENDS = kernel_backends("mhc_post")
@@ -106,12 +106,12 @@ def test_reference_sinkhorn_doubly_stochastic(std, row_tol, gen):
 
 
 # ---------------------------------------------------------------- kernels vs reference
-def _check_pre_outputs(got, want, name=""):
+def _check_pre_outputs(got, want, name="", w_atol=W_ATOL, y_atol=1e-6):
     y, post, comb = got
     yr, pr, cr = want
-    assert_close(post.cpu(), pr, atol=W_ATOL, rtol=0, name=f"post{name}")
-    assert_close(comb.cpu(), cr, atol=W_ATOL, rtol=0, name=f"comb{name}")
-    assert_close(y.cpu().float(), yr.float(), atol=1e-6, rtol=Y_RTOL, name=f"y{name}")
+    assert_close(post.cpu(), pr, atol=w_atol, rtol=0, name=f"post{name}")
+    assert_close(comb.cpu(), cr, atol=w_atol, rtol=0, name=f"comb{name}")
+    assert_close(y.cpu().float(), yr.float(), atol=y_atol, rtol=Y_RTOL, name=f"y{name}")
 
 
 CASES = [  # (T, d, why)
@@ -374,7 +374,12 @@ def test_cuda_v4_widths(d, T):
     for backend in BACKENDS:
         args = _to("cuda", x, fn, base, scale)
         got = ops.mhc_pre(*args, backend=backend)
-        _check_pre_outputs(got, want, f"[{backend}]")
+        # The reference here is the CPU's BLAS order over 4d = 16384 / 28672 products; the kernel sums
+        # in tensor-core tile order. Measured on H100: post/comb differ by up to ~5e-5, y by ~2e-6
+        # where the 4-stream sum cancels. Tighter bounds hold at the small widths above.
+        _check_pre_outputs(got, want, f"[{backend}]", w_atol=2e-4, y_atol=1e-5)
+        for a, b in zip(got[1:], want[1:]):
+            assert calc_diff(a.cpu(), b) < 1e-9
         again = ops.mhc_pre(*args, backend=backend)
         for a, b in zip(again, got):
             assert_bitwise_equal(a, b)
