@@ -26,3 +26,21 @@ def stream_rms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """mHC statistic: ``rsqrt(mean(flatten(X)^2) + eps)`` over all 4*d values of a token, fp32 [T]."""
     xf = x.float().flatten(1)
     return torch.rsqrt(xf.square().mean(-1) + eps)
+
+
+def head_rms_norm_bf16_rn(q: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """``head_rms_norm_bf16`` with every step IEEE-rounded, written out (what the kernels compute).
+
+    q^2 -> bf16; fp32 sum / D -> bf16; + bf16(eps) (torch casts the scalar to the tensor's dtype) -> bf16;
+    rsqrt as the correctly rounded ``1 / sqrt`` in fp32 -> bf16; q * r -> bf16. It equals
+    ``head_rms_norm_bf16`` except where torch's vectorized bf16 rsqrt (not correctly rounded on CPU,
+    ~4e-5 of values measured on AVX2) lands on the other side of a bf16 rounding midpoint: then r,
+    and so the row, differs by one bf16 ulp. The fp32 sum order is also free (rarely visible after
+    the bf16 rounding of the mean)."""
+    if q.dtype != torch.bfloat16:
+        raise TypeError(f"q: expected dtype torch.bfloat16, got {q.dtype}")
+    sq = (q.float() * q.float()).bfloat16().float()
+    mean = (sq.sum(-1, keepdim=True) / q.shape[-1]).bfloat16().float()
+    v = (mean + torch.tensor(eps).bfloat16().float()).bfloat16().float()
+    r = (1.0 / torch.sqrt(v)).bfloat16().float()
+    return (q.float() * r).bfloat16()
