@@ -47,8 +47,8 @@ def _fp8_gemm_kernel(x_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, M, N, KB, KB_PER_SPL
     kb0 = pid_k * KB_PER_SPLIT
     kb1 = tl.minimum(kb0 + KB_PER_SPLIT, KB)
     for kb in range(kb0, kb1):
-        a = tl.load(x_rows + kb * 128, mask=mm[:, None], other=0)
-        b = tl.load(w_rows + kb * 128, mask=mn[:, None], other=0)
+        a = tl.load(x_rows + kb * 128, mask=mm[:, None], other=0.0 if FP8_DOT else 0)
+        b = tl.load(w_rows + kb * 128, mask=mn[:, None], other=0.0 if FP8_DOT else 0)
         if FP8_DOT:
             part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
         else:
