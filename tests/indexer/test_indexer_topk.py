@@ -315,3 +315,22 @@ def test_nan_scale_key_is_nan_logit_and_last_in_topk(backend, gen):
     idx, lengths, _ = ops.indexer_topk(*case.args(16), backend=backend)
     w_idx, w_len, _ = ref.indexer_topk(*case.to("cpu").args(16))
     assert torch.equal(idx.cpu(), w_idx) and int(w_len[0]) == 12 and int(w_idx[0, 11]) == 5
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+def test_nan_fp8_key_byte_is_nan_logit(backend, gen):
+    # an e4m3fn NaN byte (0x7F / 0xFF) in an FP8 key decodes to NaN (as torch's float8_e4m3fn view does), and
+    # relu keeps it NaN on every backend (on the GPU a plain tl.maximum(x, 0) would turn NaN into 0)
+    from v4kernels import formats
+
+    case = make_case(gen, [12], [1], page_size=4, heads=16, fmt="idx_fp8")
+    for t, byte in ((5, 0x7F), (9, 0xFF)):
+        row = int(formats.positions_to_rows(case.block_table, torch.zeros(1, dtype=torch.long), torch.tensor([t]), 4))
+        page, off = divmod(row, 4)
+        case.cache[page, off * 128 + 17] = byte
+    want = ref.indexer_logits(*case.args())
+    assert bool(torch.isnan(want[0, 5])) and bool(torch.isnan(want[0, 9]))
+    got = ops.indexer_logits(*case.to(_dev()).args(), backend=backend).cpu()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    f = ~torch.isnan(want)
+    assert torch.equal(got[f], want[f])

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from ._common import exp2_int, round_bf16, ue8m0_exponent
 
-SENT = -9223372036854775807  # INT64_MIN + 1: below the key of any visible entry (even score -inf)
+SENT = tl.constexpr(-9223372036854775807)  # INT64_MIN + 1: below the key of any visible entry (even score -inf)
 HEAD_DIM = 128
 
 
@@ -81,9 +81,9 @@ def _prepare_q_kernel(q_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, n_rows, H, max_
     b = tl.where(is_rope[None, :], br, b)
     x = tl.reshape(tl.join(a, b), [R, 128])
     # Hadamard butterflies, stage by stage in the reference's order
+    # (block size 1 << st; no constexpr local: a constexpr name cannot be re-bound per unrolled stage)
     for st in tl.static_range(7):
-        h: tl.constexpr = 1 << st
-        y = tl.permute(tl.reshape(x, [R, 64 // h, 2, h]), (0, 1, 3, 2))
+        y = tl.permute(tl.reshape(x, [R, 64 >> st, 2, 1 << st]), (0, 1, 3, 2))
         u, v = tl.split(y)
         y = tl.permute(tl.join(u + v, u - v), (0, 1, 3, 2))
         x = tl.reshape(y, [R, 128])
@@ -142,12 +142,14 @@ def _fp4_vals(c, sc):
 
 @triton.jit
 def _e4m3_vals(bt):
-    """e4m3 byte (int32 0..255) -> fp32 value, by integer ops (the interpreter's fp8 casts are wrong)."""
+    """e4m3fn byte (int32 0..255) -> fp32 value (0x7F, 0xFF -> NaN), by integer ops (the interpreter's fp8 casts
+    are wrong)."""
     e = (bt >> 3) & 15
     m = bt & 7
     normal = (((e + 120) << 23) | (m << 20)).to(tl.uint32).to(tl.float32, bitcast=True)
     sub = m.to(tl.float32) * (1.0 / 512.0)
     v = tl.where(e > 0, normal, sub)
+    v = tl.where((bt & 0x7F) == 0x7F, float("nan"), v)  # e4m3fn NaN (S.1111.111), as torch decodes it
     sign = ((bt >> 7) & 1).to(tl.uint32) << 31
     return (v.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
@@ -240,7 +242,9 @@ def _score_kernel(q_ptr, w_ptr, cache_ptr, cache32_ptr, bt_ptr, seq_ptr, pos_ptr
                     nan_key = (((sw & 0xFF) == 0xFF) | (((sw >> 8) & 0xFF) == 0xFF) | (((sw >> 16) & 0xFF) == 0xFF)
                                | (((sw >> 24) & 0xFF) == 0xFF))
                     acc = tl.where(nan_key[None, :], float("nan"), acc)
-                p = tl.maximum(acc, 0.0) * w[:, None]
+                # relu that keeps NaN (the reference's torch.relu): the default maximum lowers to
+                # max.f32 on the GPU, which returns 0 for a NaN input (the interpreter keeps NaN)
+                p = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL) * w[:, None]
                 score = tl.sum(tl.reshape(p, [BQ, H, BN]), axis=1)  # [BQ, BN]
                 vis = in_run[:, None] & present[None, :] & (t[None, :] < lim[:, None])
                 if LOGITS:
