@@ -135,7 +135,7 @@ def tiny(max_seq_len: int = 4096) -> ModelConfig:
     head_dim stays 512 and the indexer head 128 (fixed by the cache formats); the rest is small."""
     return ModelConfig(
         name="tiny", vocab_size=512, dim=256, n_layers=5, n_mtp_layers=1, n_heads=16, q_lora_rank=128,
-        o_groups=2, o_lora_rank=64, compress_ratios=(0, 4, 128, 4, 128, 0), index_n_heads=8, index_topk=16,
+        o_groups=2, o_lora_rank=64, compress_ratios=(0, 4, 128, 4, 128, 0), index_n_heads=16, index_topk=16,
         n_routed_experts=8, n_activated_experts=2, moe_inter_dim=128, n_hash_layers=1, route_scale=1.5,
         max_seq_len=max_seq_len,
     )

@@ -232,11 +232,11 @@ class Transformer:
         args = (self.w[prefix + "ape"], self.w[prefix + "norm.weight"].float(), cos, sin, cache.data, block_table,
                 self.caches.page_size, ratio, kind)
         if batch.is_decode:
-            comp_ops.compress_kv_decode(kv, score, batch.positions, batch.slots, state_kv, state_score, *args,
-                                        backend=self.backend)
+            comp_ops.compress_kv_decode(kv, score, batch.positions, state_kv, state_score, *args,
+                                        state_slots=batch.slots, backend=self.backend)
         else:
-            comp_ops.compress_kv(kv, score, batch.cu_seqlens, batch.start_pos, batch.slots, state_kv, state_score,
-                                 *args, backend=self.backend)
+            comp_ops.compress_kv(kv, score, batch.cu_seqlens, batch.start_pos, state_kv, state_score, *args,
+                                 state_slots=batch.slots, backend=self.backend)
 
     # ------------------------------------------------------------------ MoE sub-layer
     def _moe(self, lid: int, x: torch.Tensor, batch: Batch) -> torch.Tensor:
