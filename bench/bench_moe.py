@@ -14,7 +14,8 @@ groups by the FP8 (W4A8) or BF16 (W4A16) tensor ceiling (target: 1100 TFLOP/s fo
 
 Baseline ``torch_bf16``: the same GEMMs on dequantized bf16 weights, ``torch._grouped_mm`` when it
 runs here, else a loop of ``torch.matmul`` per expert (W1 and W3 as one [2*inter, d] weight; no
-SwiGLU epilogue). ``reference``: the float32 op reference, at small m only (it loops over 32-K
+SwiGLU epilogue). ``cuda`` (the sm_90a decode kernels, csrc/moe/mxfp4_decode.cu) runs on the
+decode-size groups only, next to ``triton`` there. ``reference``: the float32 op reference, at small m only (it loops over 32-K
 chunks). Router (``moe_route``): tokens 1..64K at both shapes.
 """
 from __future__ import annotations
@@ -115,6 +116,8 @@ def _bench_gemms(ctx, name, cfg, kernels, use_grouped, gen):
                 else:
                     bound, target, note = "bf16", None, ""
                 for be in kernels:
+                    if be == "cuda" and not decode:  # the CUDA kernels are decode kernels (cm.decode_supported)
+                        continue
                     cands.append((f"{be}_{mode}", lambda fn=fn, be=be: fn(be=be), nbytes, bound, target, note))
                 if ctx.cpu or m <= 4:
                     cands.append((f"reference_{mode}" if mode == "w4a16" else "reference",

@@ -21,6 +21,7 @@ import torch
 
 from .._checks import check_choice, check_multiple, check_range, check_same_device, check_tensor
 from .._dispatch import define_op
+from ..cuda import moe as cm  # imports on CPU machines: it touches torch.ops.v4kernels_C only when called
 from ..reference import moe as ref
 from ..triton import moe as tri
 
@@ -232,6 +233,8 @@ moe_grouped_gemm_mxfp4_op = define_op(
     reference=ref.moe_grouped_gemm_mxfp4,
     fake=_fake_gemm,
     triton=tri.moe_grouped_gemm_mxfp4,
+    cuda=cm.moe_grouped_gemm_mxfp4,  # sm_90a decode kernel (few rows per expert); Triton otherwise
+    cuda_supported=cm.decode_supported,
 )
 
 
@@ -288,6 +291,8 @@ moe_grouped_swiglu_mxfp4_op = define_op(
     reference=ref.moe_grouped_swiglu_mxfp4,
     fake=_fake_swiglu,
     triton=tri.moe_grouped_swiglu_mxfp4,
+    cuda=cm.moe_grouped_swiglu_mxfp4,
+    cuda_supported=cm.decode_supported,
 )
 
 

@@ -4,11 +4,13 @@
   for small batches, summed in a fixed order), then sqrtsoftplus, biased top-k (ties to the lower
   expert index) or hash lookup, normalisation and route scale.
 * ``_grouped_mxfp4_kernel``: ragged per-expert grouped GEMM on MXFP4 weights, W4A16 or W4A8, with
-  an optional fused W1/W3 + clamped SwiGLU + routing-weight epilogue. The E2M1 nibbles are decoded
-  with integer ops (no ``tl.dot_scaled``: it crashes under the interpreter and Hopper has no FP4
-  MMA); the tile's K order is permuted so a byte's two nibbles need no interleave: tile column
-  j < BK/2 holds the low nibble (even k) of byte j, column BK/2 + j its high nibble (odd k), and
-  the activation is loaded in the same order. A dot product does not depend on that order.
+  an optional fused W1/W3 + clamped SwiGLU + routing-weight epilogue. No ``tl.dot_scaled`` (it
+  crashes under the interpreter and Hopper has no FP4 MMA): the packed bytes and scales are loaded
+  contiguously along K (16-byte loads), each nibble becomes a float by placing its 3 magnitude
+  bits at the exponent/mantissa boundary (code 1 = 0.5 lands on a subnormal, so no select is
+  needed; a power-of-two factor gives the exact value back) and the two nibbles of a byte are
+  interleaved with ``tl.join`` into the natural K order. W4A16: bf16 dot on the dequantized tile;
+  W4A8: e4m3 codes E2M1 * 2^-6 (pure integer ops) in FP8 dots of 32-K chunks.
 * ``_combine_kernel``: per token, the sum of its grouped rows in increasing row (= expert) order
   in fp32, plus the shared expert, then bf16. No atomics: deterministic.
 
@@ -41,29 +43,6 @@ def _e8m0_to_f32(sb):
     bits = tl.where(s == 0, 0x00400000, s << 23)
     bits = tl.where(s == 255, 0x7FC00000, bits)
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_to_f32(code):
-    """E2M1 code (0..15, sign in bit 3) -> its fp32 value, from bits (exact)."""
-    c = code.to(tl.uint32)
-    mag = c & 7
-    e = mag >> 1
-    m = mag & 1
-    bits = tl.where(mag >= 2, ((e + 126) << 23) | (m << 22), tl.where(mag == 1, 126 << 23, 0))
-    bits = bits | ((c >> 3) << 31)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1_to_e4m3_bits(code):
-    """E2M1 code -> the e4m3 bit pattern of the same value (every E2M1 value is an e4m3 value)."""
-    c = code.to(tl.uint32)
-    mag = c & 7
-    e = mag >> 1
-    m = mag & 1
-    bits = tl.where(mag >= 2, ((e + 6) << 3) | (m << 2), tl.where(mag == 1, 6 << 3, 0))
-    return (bits | ((c >> 3) << 7)).to(tl.uint8)
 
 
 @triton.jit
@@ -206,24 +185,68 @@ def moe_route(x, gate_weight, gate_bias=None, tid2eid=None, token_ids=None, topk
 # grouped GEMM
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _load_w_tile(w_ptr, s_ptr, wrow, srow, nmask, k0, BK: tl.constexpr, A8: tl.constexpr, DOT_F32: tl.constexpr):
-    """One [BN, BK] weight tile in the permuted K order (column j < BK/2: low nibble of byte j,
-    column BK/2 + j: high nibble). A8: e4m3 codes (unscaled, as fp8 or fp32 values). A16: values
-    E2M1 * 2^(e8m0-127), exact in bf16."""
+def _e2m1_f32_bits(c, HI: tl.constexpr):
+    """fp32 bits of E2M1 * 2^-126 for the low (HI=False) or high nibble of each byte of c (uint32).
+
+    The nibble's 3 magnitude bits land on the top of the fp32 exponent/mantissa boundary (bits
+    22-24), so exponent field 0 (codes 0, 1 = 0 and 0.5) is an fp32 subnormal and fields 1-3 are
+    normals: multiplying by 2^126 gives the exact E2M1 value (3 integer ops, no select; the GPU's
+    mul.f32 keeps subnormals)."""
+    if HI:
+        return ((c & 0x70) << 18) | ((c & 0x80) << 24)
+    return ((c & 0x7) << 22) | ((c & 0x8) << 28)
+
+
+@triton.jit
+def _e2m1_e4m3_scaled(p, HI: tl.constexpr):
+    """e4m3 bit pattern of E2M1 * 2^-6 for the low/high nibble of each byte of p (uint8).
+
+    Same trick in e4m3 (exponent bias 7): code 1 (0.5) becomes the e4m3 subnormal 2^-7, the others
+    normals; every value is exact and the 2^6 is given back after the dot (a power of two: exact)."""
+    if HI:
+        return ((p >> 2) & 0x1C) | (p & 0x80)
+    return ((p & 0x7) << 2) | ((p & 0x8) << 4)
+
+
+@triton.jit
+def _w16_tile(w_ptr, s_ptr, wrow, srow, nmask, k0, BN: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr):
+    """Dequantized weight tile [BN, BK] (natural K order) = E2M1 * 2^(e8m0-127), exact in bf16.
+
+    Loads: the packed bytes [BN, BK/2] and the scales [BN, BK/32], both contiguous along K (16-byte
+    vector loads); the two nibbles of a byte are decoded side by side and interleaved with join."""
     HB: tl.constexpr = BK // 2
-    jj = tl.arange(0, BK)
-    byte = k0 // 2 + (jj % HB)
-    p = tl.load(w_ptr + wrow[:, None] + byte[None, :], mask=nmask[:, None], other=0)
-    code = tl.where((jj >= HB)[None, :], p >> 4, p & 15)
-    if A8:
-        if DOT_F32:
-            return _e2m1_to_f32(code)
-        return _e2m1_to_e4m3_bits(code).to(tl.float8e4nv, bitcast=True)
-    sb = tl.load(s_ptr + srow[:, None] + (byte // 16)[None, :], mask=nmask[:, None], other=127)
-    v = _e2m1_to_f32(code) * _e8m0_to_f32(sb)
+    G: tl.constexpr = BK // 32
+    jb = tl.arange(0, HB)
+    p = tl.load(w_ptr + wrow[:, None] + (k0 // 2 + jb)[None, :], mask=nmask[:, None], other=0).to(tl.uint32)
+    jg = tl.arange(0, G)
+    sb = tl.load(s_ptr + srow[:, None] + (k0 // 32 + jg)[None, :], mask=nmask[:, None], other=127)
+    sc = _e8m0_to_f32(sb)
+    lo = _e2m1_f32_bits(p, False).to(tl.float32, bitcast=True)
+    hi = _e2m1_f32_bits(p, True).to(tl.float32, bitcast=True)
+    v = tl.reshape(tl.join(lo, hi), (BN, G, 32))  # k = 2j (low nibble), 2j + 1 (high nibble)
+    v = (v * 8.507059173023462e37) * sc[:, :, None]  # * 2^126 -> E2M1 (exact), then * scale (exact)
+    v = tl.reshape(v, (BN, BK))
+    if not DOT_F32:  # one return: the compiler rejects differently typed returns even under a constexpr if
+        v = v.to(tl.bfloat16)
+    return v
+
+
+@triton.jit
+def _w8_chunk(w_ptr, wrow, nmask, k0, BN: tl.constexpr, DOT_F32: tl.constexpr):
+    """One 32-K chunk [BN, 32] of weight codes (natural K order) as e4m3 values E2M1 * 2^-6 (fp8 on
+    the GPU; the same values in fp32 under the interpreter, whose fp8 conversions are wrong)."""
+    jb = tl.arange(0, 16)
+    p = tl.load(w_ptr + wrow[:, None] + (k0 // 2 + jb)[None, :], mask=nmask[:, None], other=0)
     if DOT_F32:
-        return v
-    return v.to(tl.bfloat16)
+        c = p.to(tl.uint32)
+        lo = _e2m1_f32_bits(c, False).to(tl.float32, bitcast=True)
+        hi = _e2m1_f32_bits(c, True).to(tl.float32, bitcast=True)
+        w = tl.reshape(tl.join(lo, hi), (BN, 32)) * 1.329227995784916e36  # * 2^120 = E2M1 * 2^-6
+    else:  # one return (see _w16_tile)
+        lo8 = _e2m1_e4m3_scaled(p, False)
+        hi8 = _e2m1_e4m3_scaled(p, True)
+        w = tl.reshape(tl.join(lo8, hi8), (BN, 32)).to(tl.float8e4nv, bitcast=True)
+    return w
 
 
 @triton.jit
@@ -242,8 +265,9 @@ def _grouped_mxfp4_kernel(
     Rows outside the expert groups, and rows whose row id is -1 or out of range, get 0.
 
     Schedule: segments [0, off[0]), [off[e], off[e+1]) for each expert, [off[E], M) are cut into
-    BM-row tiles; program (tile, n-block) finds its segment by a prefix sum over the offsets, so
-    an expert with no rows costs nothing and no host synchronisation is needed."""
+    BM-row tiles; program (tile, n-block) finds its segment by a prefix sum over the offsets (EP
+    int32 loads, cached), so an expert with no rows costs nothing and no host synchronisation is
+    needed. Each program loops over K only (BK per step in A16, 128 = four 32-K chunks in A8)."""
     pid = tl.program_id(0)
     pid_n = pid % num_n
     pid_t = pid // num_n
@@ -270,7 +294,7 @@ def _grouped_mxfp4_kernel(
     else:
         src = rows
     amask = rmask & (src >= 0) & (src < Ma) & is_expert
-    src64 = tl.where(amask, src, 0).to(tl.int64)
+    arow = tl.where(amask, src, 0).to(tl.int64) * K
 
     cols = pid_n * BN + tl.arange(0, BN)
     nmask = cols < N
@@ -281,42 +305,40 @@ def _grouped_mxfp4_kernel(
 
     acc1 = tl.zeros((BM, BN), dtype=tl.float32)
     acc3 = tl.zeros((BM, BN), dtype=tl.float32)
-    n_k = tl.where(is_expert, K // BK, 0)
     if A8:
-        # BK = 128 (one activation scale); four 32-K chunks, each with its own weight scale
-        HC: tl.constexpr = 16
+        # one activation scale per 128-K block; four 32-K chunks, each with its own weight scale
+        n_kb = tl.where(is_expert, K // 128, 0)
         jc = tl.arange(0, 32)
-        acol = 2 * (jc % HC) + (jc >= HC).to(tl.int32)  # permuted K order of the weight tile
-        for kb in range(0, n_k):
+        for kb in range(0, n_kb):
             p1 = tl.zeros((BM, BN), dtype=tl.float32)
             p3 = tl.zeros((BM, BN), dtype=tl.float32)
-            for c in tl.static_range(4):
+            for c in range(0, 4):  # a loop, not unrolled: four chunks' loads in flight spill registers
                 k0 = kb * 128 + c * 32
-                a = tl.load(a_ptr + src64[:, None] * K + (k0 + acol)[None, :], mask=amask[:, None], other=0.0)
-                wt = _load_w_tile(w1_ptr, s1_ptr, wrow, srow, nmask, k0, 32, True, DOT_F32)
+                a = tl.load(a_ptr + arow[:, None] + (k0 + jc)[None, :], mask=amask[:, None], other=0.0)
+                wt = _w8_chunk(w1_ptr, wrow, nmask, k0, BN, DOT_F32)
                 sw = _e8m0_to_f32(tl.load(s1_ptr + srow + k0 // 32, mask=nmask, other=127))
                 p1 += tl.dot(a, tl.trans(wt)) * sw[None, :]
                 if SWIGLU:
-                    wt3 = _load_w_tile(w3_ptr, s3_ptr, wrow, srow, nmask, k0, 32, True, DOT_F32)
+                    wt3 = _w8_chunk(w3_ptr, wrow, nmask, k0, BN, DOT_F32)
                     sw3 = _e8m0_to_f32(tl.load(s3_ptr + srow + k0 // 32, mask=nmask, other=127))
                     p3 += tl.dot(a, tl.trans(wt3)) * sw3[None, :]
-            sx = _e8m0_to_f32(tl.load(as_ptr + src64 * (K // 128) + kb, mask=amask, other=127))
-            acc1 += p1 * sx[:, None]
+            sx = _e8m0_to_f32(tl.load(as_ptr + tl.where(amask, src, 0).to(tl.int64) * (K // 128) + kb,
+                                      mask=amask, other=127))
+            acc1 += (p1 * 64.0) * sx[:, None]  # 64: the weights were E2M1 * 2^-6
             if SWIGLU:
-                acc3 += p3 * sx[:, None]
+                acc3 += (p3 * 64.0) * sx[:, None]
     else:
-        HB: tl.constexpr = BK // 2
+        n_k = tl.where(is_expert, K // BK, 0)
         jk = tl.arange(0, BK)
-        acol = 2 * (jk % HB) + (jk >= HB).to(tl.int32)
         for kk in range(0, n_k):
             k0 = kk * BK
-            a = tl.load(a_ptr + src64[:, None] * K + (k0 + acol)[None, :], mask=amask[:, None], other=0.0)
+            a = tl.load(a_ptr + arow[:, None] + (k0 + jk)[None, :], mask=amask[:, None], other=0.0)
             if DOT_F32:
                 a = a.to(tl.float32)
-            wt = _load_w_tile(w1_ptr, s1_ptr, wrow, srow, nmask, k0, BK, False, DOT_F32)
+            wt = _w16_tile(w1_ptr, s1_ptr, wrow, srow, nmask, k0, BN, BK, DOT_F32)
             acc1 += tl.dot(a, tl.trans(wt))
             if SWIGLU:
-                wt3 = _load_w_tile(w3_ptr, s3_ptr, wrow, srow, nmask, k0, BK, False, DOT_F32)
+                wt3 = _w16_tile(w3_ptr, s3_ptr, wrow, srow, nmask, k0, BN, BK, DOT_F32)
                 acc3 += tl.dot(a, tl.trans(wt3))
 
     if SWIGLU:
@@ -333,17 +355,26 @@ def _grouped_mxfp4_kernel(
     tl.store(optr, res.to(tl.bfloat16), mask=rmask[:, None] & nmask[None, :])
 
 
-def _config(M, E, N, a8):
+DECODE_ROWS = 16  # rows per expert up to which a launch is weight-bandwidth bound (decode tiles)
+
+
+def _config(M, E, N, K, a8, swiglu):
+    """(BM, BN, BK, num_warps, num_stages) for M grouped rows over E experts.
+
+    Decode (<= 16 rows per expert): BM=16 row tiles and narrow BN=64 so ~N/64 programs per active
+    expert stream the weights (one pass per expert). Prefill: 128-row tiles, BN=128 (64 per weight
+    with the fused W1/W3 pair: same MMA work per loaded A tile, half the accumulator registers),
+    8 warps, 3 stages. (ptxas -v on the sm_90 compile: no spills at these A16 tiles; BK=256 or
+    BN=128 with SwiGLU spill.)"""
     if _interp():
         return 16, min(256, max(16, triton.next_power_of_2(N))), 128, 4, 1  # big tiles: the interpreter pays per op
     rows_per_expert = M / max(1, min(E, M))
-    if rows_per_expert <= 16:
-        BM, BN, warps, stages = 16, 64, 4, 4
-    elif rows_per_expert <= 64:
-        BM, BN, warps, stages = 64, 128, 4, 3
-    else:
-        BM, BN, warps, stages = 128, 128, 8, 3
-    return BM, BN, 128, warps, stages
+    if rows_per_expert <= DECODE_ROWS:
+        return 16, 64, 128, 4, 4
+    bk = 128 if a8 else 64  # A8: one 1x128 activation scale per step; A16: BK=64 keeps the dequant in registers
+    if rows_per_expert <= 64:
+        return 64, (64 if swiglu else 128), bk, 4, 3
+    return 128, (64 if swiglu else 128), bk, 8, 3
 
 
 def _prep_act(a, a_scale, mode):
@@ -371,7 +402,7 @@ def _launch(a, a_scale, w1, s1, w3, s3, expert_offsets, row_ids, row_weights, mo
         return out
     a8 = mode == "w4a8"
     av, sv = _prep_act(a, a_scale, mode)
-    BM, BN, BK, warps, stages = _config(M, E, N, a8)
+    BM, BN, BK, warps, stages = _config(M, E, N, K, a8, swiglu)
     num_n = triton.cdiv(N, BN)
     tiles = min(M, triton.cdiv(M, BM) + min(E + 2, M))
     EP = triton.next_power_of_2(E + 2)
