@@ -32,12 +32,16 @@ def _parse(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = _parse(argv)
-    if args.backend == "triton":
+    if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         import torch as _t
 
         if not _t.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+            # Triton on the CPU runs under the interpreter, which must be chosen before the kernel
+            # modules are imported (importing this package already did): restart with it set.
+            os.environ["TRITON_INTERPRET"] = "1"
+            os.execv(sys.executable, [sys.executable, "-m", "v4kernels.model_ref", *argv])
     from .demo import run_demo
 
     run_demo(args)

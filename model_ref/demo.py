@@ -55,7 +55,11 @@ def _run(cfg, weights, device, backend, prompts, steps, moe_mode, timed):
         nxt = lg.argmax(-1).tolist()
     sync()
     t_decode = time.perf_counter() - t0
-    return logits, t_prefill, t_decode, model
+    stats = {"bytes_per_token": model.caches.bytes_per_token, "timer": dict(model.timer.totals)}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return logits, t_prefill, t_decode, stats
 
 
 def run_demo(args):
@@ -68,7 +72,7 @@ def run_demo(args):
           f"{''.join(cfg.layer_kind(i)[0].upper() for i in range(cfg.n_layers))}, {cfg.n_heads} heads, "
           f"{cfg.n_routed_experts} experts) on {device}, batch {args.batch}, prompt ~{context}, {steps} decode steps")
     t0 = time.perf_counter()
-    weights = init_weights(cfg, args.seed)
+    weights = init_weights(cfg, args.seed, device=device)
     print(f"random weights: {sum(v.numel() * v.element_size() for v in weights.values()) / 1e9:.2f} GB "
           f"in {time.perf_counter() - t0:.1f} s")
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -76,16 +80,17 @@ def run_demo(args):
                for b in range(args.batch)]
     n_prompt = sum(len(p) for p in prompts)
 
-    logits, tp, td, model = _run(cfg, weights, device, args.backend, prompts, steps, args.moe_mode, timed=False)
-    # second run with per-family timing (synchronizing), same inputs
-    _, _, _, tmodel = _run(cfg, weights, device, args.backend, prompts, min(steps, 4), args.moe_mode, timed=True)
+    # warm-up run (Triton compilation), then the timed run, then a run with per-family timing
+    _run(cfg, weights, device, args.backend, [p[:64] for p in prompts], 1, args.moe_mode, timed=False)
+    logits, tp, td, stats = _run(cfg, weights, device, args.backend, prompts, steps, args.moe_mode, timed=False)
+    _, _, _, tstats = _run(cfg, weights, device, args.backend, prompts, min(steps, 4), args.moe_mode, timed=True)
     print(f"\nprefill: {n_prompt} tokens in {tp * 1e3:.1f} ms = {n_prompt / tp:,.0f} tokens/s")
     if steps:
         print(f"decode:  {steps} steps x {args.batch} sequences in {td * 1e3:.1f} ms = "
               f"{td / steps * 1e3:.2f} ms/step, {steps * args.batch / td:,.0f} tokens/s")
-    tot = sum(tmodel.timer.totals.values()) or 1.0
-    print("\ntime per op family (timed run, synchronized):")
-    for k, v in sorted(tmodel.timer.totals.items(), key=lambda kv: -kv[1]):
+    tot = sum(tstats["timer"].values()) or 1.0
+    print("\ntime per op family (prefill + 4 decode steps, synchronized around each family):")
+    for k, v in sorted(tstats["timer"].items(), key=lambda kv: -kv[1]):
         print(f"  {k:12s} {v * 1e3:9.1f} ms  {100 * v / tot:5.1f}%")
 
     from v4kernels._dispatch import OPS
@@ -105,7 +110,7 @@ def run_demo(args):
                 total += a.shape[0]
             print(f"validation vs reference path: max relative logit error {max(errs):.3e}, "
                   f"top-1 agreement {agree}/{total} ({100 * agree / total:.1f}%)")
-    bpt = model.caches.bytes_per_token(context)
+    bpt = stats["bytes_per_token"](context)
     gqa = cfg.n_layers * 8 * 128 * 2 * 2  # 8 KV heads x 128 dims x (K, V) x bf16
     v32 = cfg.n_layers * (656 + 132)  # V3.2: 656-B MLA row + 132-B FP8 indexer key, every token, every layer
     print(f"\nKV cache at {context} tokens: {bpt:,.0f} B/token ({cfg.n_layers} layers + MTP) vs GQA-8 bf16 "

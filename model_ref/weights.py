@@ -22,7 +22,7 @@ Weights = Dict[str, torch.Tensor]
 
 
 def _normal(shape, std, gen):
-    return torch.randn(*shape, generator=gen) * std
+    return torch.randn(*shape, generator=gen, device=gen.device) * std
 
 
 def _fp8(prefix: str, out: int, inp: int, gen, w: Weights):
@@ -45,10 +45,12 @@ def _hc(prefix: str, dim: int, gen, w: Weights, n_out: int = 24):
     w[prefix + "_fn"] = _normal((n_out, 4 * dim), 1.0 / math.sqrt(4 * dim), gen)
     if n_out == 24:
         base = torch.cat((torch.full((4,), math.log(0.25 / 0.75)), torch.zeros(4), 3.0 * torch.eye(4).flatten()))
+        base = base.to(gen.device)
         w[prefix + "_scale"] = torch.tensor([0.5, 0.5, 0.5])
     else:
-        base = torch.full((n_out,), math.log(0.25 / 0.75))
+        base = torch.full((n_out,), math.log(0.25 / 0.75), device=gen.device)
         w[prefix + "_scale"] = torch.tensor([0.5])
+    w[prefix + "_scale"] = w[prefix + "_scale"].to(gen.device)
     w[prefix + "_base"] = base + 0.1 * _normal(base.shape, 1.0, gen)
 
 
@@ -87,9 +89,9 @@ def _block(prefix: str, cfg: ModelConfig, layer_id: int, gen, w: Weights):
     E = cfg.n_routed_experts
     w[f + "gate.weight"] = _normal((E, d), 1.0 / math.sqrt(d), gen).bfloat16()
     if cfg.is_hash_layer(layer_id):
-        w[f + "gate.tid2eid"] = torch.stack(
-            [torch.randperm(E, generator=gen)[: cfg.n_activated_experts] for _ in range(cfg.vocab_size)]
-        ).to(torch.int64)
+        # distinct experts per token id: the first k of a random permutation of E per row
+        keys = torch.rand(cfg.vocab_size, E, generator=gen, device=gen.device)
+        w[f + "gate.tid2eid"] = keys.argsort(dim=-1)[:, : cfg.n_activated_experts].to(torch.int64)
     else:
         w[f + "gate.bias"] = 0.1 * _normal((E,), 1.0, gen)
     inter = cfg.moe_inter_dim
@@ -103,9 +105,11 @@ def _block(prefix: str, cfg: ModelConfig, layer_id: int, gen, w: Weights):
     _fp8(f + "shared_experts.w2", d, inter, gen, w)
 
 
-def init_weights(cfg: ModelConfig, seed: int = 0) -> Weights:
-    """Random weights in the official layout (CPU tensors; move with ``to_device``)."""
-    gen = torch.Generator().manual_seed(seed)
+def init_weights(cfg: ModelConfig, seed: int = 0, device="cpu") -> Weights:
+    """Random weights in the official layout, generated (and quantized) on ``device``.
+
+    The same seed gives the same weights on the same device type (CPU and CUDA generators differ)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     w: Weights = {}
     w["embed.weight"] = _normal((cfg.vocab_size, cfg.dim), 1.0, gen).bfloat16()
     w["head.weight"] = _normal((cfg.vocab_size, cfg.dim), 1.0 / math.sqrt(cfg.dim), gen).bfloat16()

@@ -12,7 +12,8 @@
 #   plots.tar.gz   the bench PNGs (<tag>_plots/, the folder results.md links to)
 #
 # Environment:
-#   GPU_CHECK_SKIP_TESTS=1 / GPU_CHECK_SKIP_BENCH=1   skip a step
+#   GPU_CHECK_SKIP_TESTS=1 / GPU_CHECK_SKIP_DEMO=1 / GPU_CHECK_SKIP_BENCH=1   skip a step
+#   GPU_CHECK_DEMO_ARGS     arguments of `python -m v4kernels.model_ref demo` (output in gpu_check.log)
 #   GPU_CHECK_PYTEST_ARGS   extra pytest args, shell-quoted, e.g. "-k 'attention or moe'"
 #   GPU_CHECK_BENCH_ARGS    extra python -m bench args, e.g. "--only mhc,moe" (not --out/--tag)
 #   GPU_CHECK_DEADLINE      seconds from start by which every step must be done (default 570: the
@@ -178,6 +179,19 @@ EOF
         fi
     fi
     hr
+
+    # ---- model_ref demo (the README's main job) on the GPU ------------------------------------
+    # GPU_CHECK_DEMO_ARGS: extra arguments (default: Flash dimensions, 4 layers, all experts).
+    if [ "${GPU_CHECK_SKIP_DEMO:-0}" != "1" ]; then
+        local -a DARGS=()
+        if [ -n "${GPU_CHECK_DEMO_ARGS:-}" ]; then eval "DARGS=(${GPU_CHECK_DEMO_ARGS})"; fi
+        local td ts2=$SECONDS
+        td=$(budget "${GPU_CHECK_BENCH_RESERVE:-200}")
+        echo "demo: $PY -m v4kernels.model_ref demo ${DARGS[*]} (limit ${td:-none}s)"
+        TQDM_DISABLE=1 limited "$td" "$PY" -m v4kernels.model_ref demo "${DARGS[@]}" 2>&1 | grep -v "^\s*$"
+        echo "demo: rc=${PIPESTATUS[0]} in $(( SECONDS - ts2 ))s"
+        hr
+    fi
 
     # ---- bench --------------------------------------------------------------------------------
     local BENCH_RC="skipped" BENCH_S=0 TAG=""
