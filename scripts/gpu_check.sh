@@ -186,7 +186,7 @@ EOF
         local -a DARGS=()
         if [ -n "${GPU_CHECK_DEMO_ARGS:-}" ]; then eval "DARGS=(${GPU_CHECK_DEMO_ARGS})"; fi
         local td ts2=$SECONDS
-        td=$(budget "${GPU_CHECK_BENCH_RESERVE:-200}")
+        td=$(budget 170)
         echo "demo: $PY -m v4kernels.model_ref demo ${DARGS[*]} (limit ${td:-none}s)"
         TQDM_DISABLE=1 limited "$td" "$PY" -m v4kernels.model_ref demo "${DARGS[@]}" 2>&1 | grep -v "^\s*$"
         echo "demo: rc=${PIPESTATUS[0]} in $(( SECONDS - ts2 ))s"
