@@ -13,10 +13,10 @@ MAX_POS = 1024
 _TABLES = {}
 
 
-def tables():
-    if "t" not in _TABLES:
-        _TABLES["t"] = rope_table(MAX_POS, 160000.0, YarnConfig())
-    return _TABLES["t"]
+def tables(max_pos=MAX_POS):
+    if max_pos not in _TABLES:
+        _TABLES[max_pos] = rope_table(max_pos, 160000.0, YarnConfig())
+    return _TABLES[max_pos]
 
 
 @dataclass
@@ -39,9 +39,9 @@ class Problem:
         return C.FORMAT[self.kind]
 
 
-def problem(kind, ratio, gen, device="cpu"):
+def problem(kind, ratio, gen, device="cpu", max_pos=MAX_POS):
     hd, c, _ = C.dims(ratio, kind)
-    cos, sin = tables()
+    cos, sin = tables(max_pos)
     ape = torch.randn(ratio, c * hd, generator=gen)
     w = torch.rand(hd, generator=gen) + 0.5
     return Problem(kind, ratio, hd, c, ape.to(device), w.to(device), cos.to(device), sin.to(device))

@@ -214,13 +214,17 @@ def test_cuda_large_prefill_and_decode(kind, ratio):
     """GPU: 4K tokens over 8 sequences, kernel vs reference on the same device (tolerance, see module doc)."""
     dev = torch.device("cuda")
     g = make_generator(f"cuda-{kind}-{ratio}")
-    pb = problem(kind, ratio, g, dev)
     lens = [512] * 8
     starts = [0, 3, 128, 1000, 4, 77, 130, 0]
+    # size the RoPE table and the block table for the largest position (1000 + 512): on CUDA tensors the op
+    # does not check them (no host sync), and entries past either would silently not be written
+    end = max(s + n for s, n in zip(starts, lens))
+    pb = problem(kind, ratio, g, dev, max_pos=end)
     kv, sc = tokens(pb, sum(lens), g, dev)
     init = random_state(pb, 8, g, dev)
-    npg = 8 * 64
-    bt = block_table(8, 64, npg, g, dev)
+    pages = -(-(end // ratio) // PS)
+    npg = 8 * pages
+    bt = block_table(8, pages, npg, g, dev)
     res = []
     for be in ("reference", "triton"):
         skv, ssc = init[0].clone(), init[1].clone()
@@ -253,3 +257,56 @@ def test_ratio128_absent_leading_chunks(backend, gen, device):
                                            pb.cos, pb.sin, 128, "main", backend=be, trim=True)[0].cpu())
     assert res[1].shape == (1, 512) and not torch.isnan(res[1].float()).any()
     _compare_entries(res[1], res[0], pb, "entries")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["main", "indexer"])
+def test_unchecked_bad_indices_reference_and_kernel_agree(backend, kind, gen, device):
+    """What the ops run on CUDA tensors, where they skip their host-side index checks: both backends,
+    called directly, skip a sequence with a bad slot / start / offsets, do not write an entry whose page is
+    missing (-1, >= num_pages, past the table) or whose position is past the RoPE table, and never index out
+    of bounds (on a GPU that is a device-side assert that kills the CUDA context)."""
+    from v4kernels.reference import compressor as ref_mod
+    from v4kernels.triton import compressor as tri_mod
+    impl = {"reference": ref_mod, "triton": tri_mod}
+    pb = problem(kind, 4, gen, device)
+    cos, sin = pb.cos[:24].contiguous(), pb.sin[:24].contiguous()      # entry positions >= 24 are off the table
+    #          ok+missing-pos   bad slot  page -1   page 99   past table  start < 0
+    starts = [14, 0, 3, 16, 30, -3]
+    lens = [14, 5, 6, 4, 6, 2]
+    slots = i32([0, 9, 1, 2, 3, 4], device)
+    bt = i32([[0, 1], [2, 3], [-1, 4], [5, 99], [6, 7], [3, 2]], device)
+    kv, sc = tokens(pb, sum(lens), gen, device)
+    init = random_state(pb, 5, gen, device)
+    res = {}
+    for be in ("reference", backend):
+        skv, ssc = init[0].clone(), init[1].clone()
+        cch = cache(pb, 8, PS, device)
+        impl[be].compress_kv(kv, sc, cu_of(lens, device), i32(starts, device), slots, skv, ssc, pb.ape, pb.w, cos,
+                             sin, cch, bt, PS, 4, kind)
+        ent = impl[be].compress_kv_entries(kv, sc, cu_of(lens, device), i32(starts, device), slots,
+                                           init[0].clone(), init[1].clone(), pb.ape, pb.w, cos, sin, 4, kind)
+        res[be] = (cch.cpu(), skv.cpu(), ssc.cpu()) + tuple(t.cpu() for t in ent)
+    for a, b, what in zip(res[backend], res["reference"], ("cache", "state_kv", "state_score", "entries", "seq",
+                                                          "pos")):
+        assert_bitwise_equal(a, b, what)
+    # written: seq 0 entries 3, 4, 5 (pages 0, 1, 1); entry 6 (position 24) is off the RoPE table
+    assert res["reference"][4].tolist()[:6] == [0, 0, 0, 0, 2, 2] and res["reference"][5].tolist()[:6] == [3, 4, 5,
+                                                                                                            6, 0, 1]
+    written = (res["reference"][0] != 0xFF).any(dim=1).nonzero().flatten().tolist()
+    assert written == [0, 1]
+    # decode: bad slot, padding, missing page, position off the table, page >= num_pages
+    pos = [3, 7, -1, 11, 27, 23]
+    dslots = i32([0, 9, 1, 2, 3, 4], device)
+    dbt = i32([[0, 1], [2, 3], [4, 5], [-1, 6], [6, 7], [5, 99]], device)
+    kv, sc = tokens(pb, len(pos), gen, device)
+    res = {}
+    for be in ("reference", backend):
+        skv, ssc = init[0].clone(), init[1].clone()
+        cch = cache(pb, 8, PS, device)
+        impl[be].compress_kv_decode(kv, sc, i32(pos, device), dslots, skv, ssc, pb.ape, pb.w, cos, sin, cch, dbt, PS,
+                                    4, kind)
+        res[be] = (cch.cpu(), skv.cpu(), ssc.cpu())
+    for a, b, what in zip(res[backend], res["reference"], ("cache", "state_kv", "state_score")):
+        assert_bitwise_equal(a, b, what)
+    assert (res["reference"][0] != 0xFF).any(dim=1).nonzero().flatten().tolist() == [0]

@@ -17,8 +17,9 @@ one call must not share a state slot.
 Index validation: on CPU tensors the ops check every index they will use (cu_seqlens, start_pos,
 state slots, block-table pages of the written entries, RoPE table length) and raise ``ValueError``.
 On CUDA tensors these value checks would need a host sync, so they are skipped; the kernels then mask
-every access instead (an entry whose page is missing or out of range is not written, a bad state slot
-is skipped). Shapes and dtypes are checked on every device.
+every access instead and the reference clamps every gather index, with the same outcome (a sequence
+with a bad state slot, start or offsets is skipped; an entry whose page is missing or out of range,
+or whose position is past the RoPE table, is not written). Shapes and dtypes are checked on every device.
 """
 from __future__ import annotations
 

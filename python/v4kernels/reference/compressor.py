@@ -100,9 +100,22 @@ def finish(e: torch.Tensor, positions: torch.Tensor, norm_weight, cos, sin, kind
     """Pooled fp32 e [E, hd] -> the bf16 row handed to the cache encoder [E, hd].
 
     ``RMSNorm(bf16(e))`` -> RoPE at ``positions`` (= i*r) -> (indexer only) bf16 Hadamard. The encoder
-    (``formats.encode_kv584`` / ``encode_idx_fp4``) then quantizes exactly as the fake-quant does."""
+    (``formats.encode_kv584`` / ``encode_idx_fp4``) then quantizes exactly as the fake-quant does.
+    A position outside the RoPE table (only possible on CUDA tensors, where the ops skip their host
+    checks) gets no rotation (cos 1, sin 0), as in the kernels; such an entry is never written to a
+    cache (``_write_entries``)."""
     y = rms_norm(e.to(torch.bfloat16), norm_weight, NORM_EPS)
-    y = apply_rope(y, positions, cos, sin)
+    # gather the table rows with clamped indices (an out-of-range gather is a device-side assert on CUDA)
+    pos = positions.long()
+    inside = ((pos >= 0) & (pos < cos.shape[0]))[:, None]
+    if cos.shape[0]:
+        idx = pos.clamp(0, cos.shape[0] - 1)
+        c_rows = torch.where(inside, cos[idx], torch.ones((), dtype=cos.dtype, device=cos.device))
+        s_rows = torch.where(inside, sin[idx], torch.zeros((), dtype=sin.dtype, device=sin.device))
+    else:
+        c_rows = torch.ones(pos.shape[0], cos.shape[1], dtype=cos.dtype, device=cos.device)
+        s_rows = torch.zeros(pos.shape[0], sin.shape[1], dtype=sin.dtype, device=sin.device)
+    y = apply_rope(y, torch.arange(pos.shape[0], device=pos.device), c_rows, s_rows)
     if kind == "indexer":
         y = hadamard_transform(y)  # fp32 butterflies, * 128^-0.5, bf16 out
     return y
@@ -114,6 +127,32 @@ def stored_values(v: torch.Tensor, kind: str) -> torch.Tensor:
         nope = q.fake_quant_fp8(v[:, : formats.KV_NOPE], formats.KV_QUANT_BLOCK)
         return torch.cat((nope, v[:, formats.KV_NOPE:]), dim=1)
     return q.fake_quant_fp4(v, 32)
+
+
+def _write_entries(cache, block_table, page_size, kind, seq, ent, ratio, max_pos, v) -> None:
+    """Write entry rows ``v`` [E, hd] of (sequence ``seq``, entry ``ent``) into the paged cache.
+
+    Entries whose page is missing (table column out of range, page < 0 or >= num_pages) or whose
+    position ``ent * ratio`` lies outside the RoPE table are not written, like in the kernels: on CUDA
+    tensors the ops do not check these values (no host sync), and every index used here is clamped
+    first so that the gathers never go out of bounds."""
+    if v.shape[0] == 0 or block_table.shape[1] == 0:
+        return
+    seq, ent = seq.long(), ent.long()
+    width = block_table.shape[1]
+    pidx = ent // page_size
+    page = block_table[seq, pidx.clamp(0, width - 1)].long()
+    ok = (ent >= 0) & (pidx < width) & (page >= 0) & (page < cache.shape[0]) & (ent * ratio < max_pos)
+    rows = page * page_size + ent % page_size
+    if not bool(ok.all()):
+        rows, v = rows[ok], v[ok]
+        if rows.numel() == 0:
+            return
+    formats.write_rows(cache, FORMAT[kind], page_size, rows, v)
+
+
+def _slot_ok(slot: int, state_kv) -> bool:
+    return 0 <= slot < state_kv.shape[0]
 
 
 # ----------------------------------------------------------------------------- prefill (any start)
@@ -172,6 +211,9 @@ def _prefill(kv, score, cu_seqlens, start_pos, state_slots, state_kv, state_scor
     es, seqs, ids = [], [], []
     for b in range(len(starts)):
         lo, hi = cu[b], cu[b + 1]
+        # invalid indices (unchecked on CUDA tensors): the kernels skip such a sequence
+        if not _slot_ok(slots[b], state_kv) or starts[b] < 0 or lo < 0 or hi < lo or hi > kv.shape[0]:
+            continue
         e, ent = _sequence(kv[lo:hi].float(), score[lo:hi].float(), starts[b], state_kv[slots[b]],
                            state_score[slots[b]], ape.float(), ratio, hd, c, overlap)
         es.append(e)
@@ -217,9 +259,7 @@ def compress_kv(kv, score, cu_seqlens, start_pos, state_slots, state_kv, state_s
     of sequence b (``block_table`` int32 [B, max_pages])."""
     v, seq, ent = _prefill(kv, score, cu_seqlens, start_pos, state_slots, state_kv, state_score, ape,
                            norm_weight, cos, sin, ratio, kind)
-    if v.shape[0]:
-        rows = formats.positions_to_rows(block_table, seq, ent, page_size)
-        formats.write_rows(cache, FORMAT[kind], page_size, rows, v)
+    _write_entries(cache, block_table, page_size, kind, seq, ent, ratio, cos.shape[0], v)
 
 
 # ----------------------------------------------------------------------------- decode (§3.3)
@@ -235,7 +275,7 @@ def compress_kv_decode(kv, score, positions, state_slots, state_kv, state_score,
     r = ratio
     es, seqs, ids = [], [], []
     for b, (p, slot) in enumerate(zip(positions.tolist(), state_slots.tolist())):
-        if p < 0:
+        if p < 0 or not _slot_ok(slot, state_kv):   # padding row / bad slot (the kernel skips it too)
             continue
         skv, ssc = state_kv[slot], state_score[slot]
         j = p % r
@@ -263,5 +303,5 @@ def compress_kv_decode(kv, score, positions, state_slots, state_kv, state_score,
         return
     ent = torch.tensor(ids, dtype=torch.long, device=kv.device)
     v = finish(torch.cat(es), ent * r, norm_weight, cos, sin, kind)   # position p + 1 - r = i*r
-    rows = formats.positions_to_rows(block_table, torch.tensor(seqs, device=kv.device), ent, page_size)
-    formats.write_rows(cache, FORMAT[kind], page_size, rows, v)
+    _write_entries(cache, block_table, page_size, kind, torch.tensor(seqs, device=kv.device), ent, r, cos.shape[0],
+                   v)

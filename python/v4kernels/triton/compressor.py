@@ -104,10 +104,12 @@ def _pool(kv_ptr, sc_ptr, skv_ptr, ssc_ptr, ape_ptr, row0, n_tok, start, i, slot
 @triton.jit
 def _hadamard(y, N: tl.constexpr):
     """Sylvester Hadamard over a [N] fp32 vector in the reference's butterfly order, * N^-0.5."""
+    # stage st pairs elements h = 2^st apart; h is written out as (1 << st) rather than bound to a
+    # name: a ``tl.constexpr`` local assigned in an unrolled loop is a reassignment, which the
+    # compiler rejects (the interpreter does not)
     for st in tl.static_range(7):
-        h: tl.constexpr = 1 << st
-        if h < N:
-            y3 = tl.permute(tl.reshape(y, [N // (2 * h), 2, h]), (0, 2, 1))
+        if (1 << st) < N:
+            y3 = tl.permute(tl.reshape(y, [N // (2 << st), 2, 1 << st]), (0, 2, 1))
             a, b = tl.split(y3)
             y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [N])
     return y * (1.0 / 11.313708498984761)
@@ -211,7 +213,10 @@ def _prefill_entries_kernel(kv_ptr, sc_ptr, cu_ptr, start_ptr, slot_ptr, skv_ptr
     lo = tl.load(cu_ptr + bidx, mask=bm, other=0)
     hi = tl.load(cu_ptr + bidx + 1, mask=bm, other=0)
     st = tl.load(start_ptr + bidx, mask=bm, other=0)
-    cnt = tl.where(bm & (st >= 0) & (hi >= lo), (st % R + hi - lo) // R, 0)
+    sl = tl.load(slot_ptr + bidx, mask=bm, other=-1)
+    # a sequence with invalid indices (unchecked on CUDA tensors) emits nothing, as in the reference
+    seq_ok = bm & (st >= 0) & (lo >= 0) & (hi >= lo) & (hi <= n_tok) & (sl >= 0) & (sl < num_slots)
+    cnt = tl.where(seq_ok, (st % R + hi - lo) // R, 0)
     incl = tl.cumsum(cnt, axis=0)
     total = tl.sum(cnt, axis=0)
     seq = tl.sum((incl <= pid).to(tl.int32), axis=0)
