@@ -4,10 +4,13 @@ All in the reference backend (DeepSeek's reference numerics); the kernel path vs
 runs on a GPU (test_model_gpu.py) and in the demo.
 
 Tolerance: the compared runs multiply matrices of different batch sizes, so CPU BLAS may sum in
-another order; everything else in the reference path is batch-invariant (per-row reductions, fixed
-key widths, correctly rounded bf16 head norm). Measured: calc_diff <= 1e-14 between decode and
-prefill, chunked and one-shot, batched and alone. Each FP8 activation quantization would turn a real
-discrepancy into flipped e4m3 roundings and grow it through the layers, so the bound (1e-9) is tight.
+another order (last-bit differences, depending on the BLAS build and thread count); everything else
+in the reference path is batch-invariant (per-row reductions, fixed key widths, correctly rounded
+bf16 head norm). FP8 activation quantization can turn a last-bit difference into a flipped e4m3
+rounding (1/16 relative in one element) that grows through the layers. Measured: calc_diff ~1e-15
+on the dev machine, up to 1e-3 in a fresh CI environment; the bug this test found (a batch-dependent
+head norm) gave 0.27. Bound: 1e-2, and top-1 equal wherever the reference's top-2 margin > 0.1.
+Where the batch shapes are equal, the paths are bitwise equal (test_decode_path_equals_one_token_prefill_bitwise).
 """
 import pytest
 import torch
@@ -35,8 +38,10 @@ def _prompt(n, seed):
 
 
 def _close(a, b, what):
-    assert calc_diff(a, b) < 1e-9, f"{what}: calc_diff {calc_diff(a, b):.3g}"
-    assert torch.equal(a.argmax(-1), b.argmax(-1)), f"{what}: top-1 differs"
+    assert calc_diff(a, b) < 1e-2, f"{what}: calc_diff {calc_diff(a, b):.3g}"
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear]), f"{what}: top-1 differs"
 
 
 def test_decode_after_prefill_equals_one_prefill(tiny):
