@@ -355,3 +355,27 @@ def test_cuda_graph_decode():
     ref = A.sparse_attn_decode(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()},
                                backend="reference")
     check_attn(out, lse, *ref, "graph")
+
+
+# ----------------------------------------------------------------------------- kernel variants
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl,nch,bn,kind,splits", [
+    ("mqa", 4, 16, "csa", 1),     # the GPU's 2 output groups (Flash), direct path + fused inverse RoPE
+    ("mqa", 2, 16, "hca", 3),     # 4 output groups (Pro) + split-KV partials
+    pytest.param("mqa", 1, 16, "csa", 2, marks=pytest.mark.slow),  # 8 groups: rope chunk alone
+    ("legacy", 8, 32, "csa", 2),  # the head-block kernel stays available (V4K_ATTN_IMPL=legacy)
+])
+def test_kernel_variants_match_reference(backend, impl, nch, bn, kind, splits, gen, device, monkeypatch):
+    monkeypatch.setenv("V4K_ATTN_IMPL", impl)
+    monkeypatch.setenv("V4K_ATTN_NCH", str(nch))
+    monkeypatch.setenv("V4K_ATTN_BN", str(bn))
+    case = make_case(gen, kind, [260, 40], [2, 1], 20, wps=64, cps=3, device=device)
+    cos, sin = rope_table(300, 160000.0)
+    case.update(rope_cos=cos.to(device), rope_sin=sin.to(device))  # fused inverse RoPE: chunk 7's group
+    ref = _ref_prefill({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
+    out = poisoned(tuple(case["q"].shape), torch.bfloat16, device)
+    lse = poisoned(tuple(case["q"].shape[:2]), torch.float32, device)
+    A.sparse_attn_prefill(**case, num_splits=splits, out=out, lse_out=lse, backend=backend)
+    assert_all_written(out)
+    assert_all_written(lse, "lse")
+    check_attn(out, lse, *ref, f"{impl} nch{nch} {kind} splits{splits}")
