@@ -375,9 +375,11 @@ def test_cuda_v4_widths(d, T):
         args = _to("cuda", x, fn, base, scale)
         got = ops.mhc_pre(*args, backend=backend)
         # The reference here is the CPU's BLAS order over 4d = 16384 / 28672 products; the kernel sums
-        # in tensor-core tile order. Measured on H100: post/comb differ by up to ~5e-5, y by ~2e-6
-        # where the 4-stream sum cancels. Tighter bounds hold at the small widths above.
-        _check_pre_outputs(got, want, f"[{backend}]", w_atol=2e-4, y_atol=1e-5)
+        # in tensor-core tile order. Measured on H100: post/comb differ by up to ~5e-5, hence y by up to
+        # ~4 * 5e-5 * max|X| ~ 1e-3 where the 4-stream sum cancels (T = 1000: 80 of 4M values above
+        # 1e-5, calc_diff 7e-9). Tighter bounds hold at the small widths above.
+        _check_pre_outputs(got, want, f"[{backend}]", w_atol=2e-4, y_atol=1e-3)
+        assert calc_diff(got[0].cpu(), want[0]) < 1e-7
         for a, b in zip(got[1:], want[1:]):
             assert calc_diff(a.cpu(), b) < 1e-9
         again = ops.mhc_pre(*args, backend=backend)
