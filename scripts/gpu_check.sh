@@ -14,6 +14,7 @@
 # Environment:
 #   GPU_CHECK_SKIP_TESTS=1 / GPU_CHECK_SKIP_DEMO=1 / GPU_CHECK_SKIP_BENCH=1   skip a step
 #   GPU_CHECK_SKIP_REST=1   run only the cuda-marked tests (one pytest process per tests/ folder)
+#   GPU_CHECK_FAMILIES      space-separated tests/ folders for the cuda-marked tests (default: all)
 #   GPU_CHECK_DEMO_ARGS     arguments of `python -m v4kernels.model_ref demo` (output in gpu_check.log)
 #   GPU_CHECK_PYTEST_ARGS   extra pytest args, shell-quoted, e.g. "-k 'attention or moe'"
 #   GPU_CHECK_BENCH_ARGS    extra python -m bench args, e.g. "--only mhc,moe" (not --out/--tag)
@@ -145,7 +146,13 @@ EOF
         # context of its process, and must not fail every later family's tests.
         echo "tests 1/2: pytest -m cuda, one process per family (limit ${t:-none}s; log: tests.log)"
         local ts=$SECONDS fam tf CUDA_RC=0 frc
-        for fam in tests/*/; do
+        local -a FAMS=()
+        if [ -n "${GPU_CHECK_FAMILIES:-}" ]; then
+            for fam in ${GPU_CHECK_FAMILIES}; do FAMS+=("tests/$fam/"); done
+        else
+            FAMS=(tests/*/)
+        fi
+        for fam in "${FAMS[@]}"; do
             fam="${fam%/}"
             tf=$(( t - (SECONDS - ts) ))
             [ "$tf" -lt 20 ] && tf=20
