@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import shadow as _shadow
 from ._ext import cuda_backend_available
 
 BACKENDS = ("reference", "triton", "cuda")
@@ -116,6 +117,9 @@ def _make_impl(op: OpDef):
             op.check(*args, **kwargs)
         chosen = op.select(backend, _first_device(args, kwargs), args, kwargs)
         op.last_backend = chosen
+        report = _shadow.active()
+        if report is not None and chosen != "reference":
+            return _shadow.run_shadowed(report, op, chosen, args, kwargs)
         return getattr(op, chosen)(*args, **kwargs)
 
     impl.__name__ = f"{op.name}_impl"
