@@ -177,9 +177,28 @@ def test_summary_and_benchmarks_md(tmp_path):
     assert report.main([str(res), "--benchmarks-md", str(out)]) == 0
     text = out.read_text()
     assert "do not edit by hand" in text and "results/t1.json" in text
-    assert "| act_quant_fp8 | cuda |" in text and "12.5x" in text and "## gemm" in text
+    assert "| act_quant_fp8 | cuda |" in text and "12.5x" in text and "### gemm" in text
     assert "3,000 GB/s" in text and "test" in text  # ceilings and GPU name
     assert "broken" in text
+
+
+def test_benchmarks_md_takes_each_family_from_the_newest_run_that_measured_it(tmp_path):
+    old = _fake_data()
+    old["tag"] = "old"
+    old["environment"]["date"] = "2026-01-01T00:00:00+00:00"
+    new = _fake_data()
+    new["tag"] = "new"
+    new["environment"]["date"] = "2026-02-01T00:00:00+00:00"
+    new["rows"] = [r for r in new["rows"] if r["family"] == "quant"]
+    paths = []
+    for d in (old, new):
+        paths.append(str(tmp_path / f"{d['tag']}.json"))
+        report.write_json(d, paths[-1])
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(paths + ["--benchmarks-md", str(out)]) == 0
+    text = out.read_text()
+    assert "## Run `new`: quant" in text and "## Run `old`: gemm" in text
+    assert text.count("### quant") == 1 and text.count("### gemm") == 1
 
 
 def test_runner_without_gpu_exits_zero():
