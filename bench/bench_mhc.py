@@ -1,13 +1,14 @@
-"""Benchmark of the mHC ops (spec §7): mhc_pre and mhc_post at V4-Flash (d=4096) and V4-Pro (d=7168).
+"""Benchmark of the mHC ops (spec §7): mhc_pre, mhc_head and mhc_post at V4-Flash (d=4096) and V4-Pro (d=7168).
 
 Memory-bound. Minimum bytes (each input read once, each output written once), X bf16 [T, 4, d]:
   mhc_pre : X (8 T d) + fn (24 * 4d * 4) + base/scale (27 * 4) + y (2 T d) + post (16 T) + comb (64 T)
+  mhc_head: X (8 T d) + fn (4 * 4d * 4) + base/scale (5 * 4) + y (2 T d)
   mhc_post: out (2 T d) + X (8 T d) + post (16 T) + comb (64 T) + X_new (8 T d)
 Backends: the eager float32 reference (through the op), torch.compile of the reference function,
-and the kernels that can run here. Before timing, each kernel's output is checked against the
-reference on one input (mhc_post bitwise; mhc_pre within the tolerance stated in ops/mhc.py); a
-mismatch is noted on the row, not fatal. The 85% target applies to T >= 1024 (smaller T is
-latency-bound: at T = 1 the op reads 1.5 MB of fn for 32 KB of X).
+and the kernels that can run here (mhc_head: the kernels only). Before timing, each kernel's output
+is checked against the reference on one input (mhc_post bitwise; mhc_pre / mhc_head within the
+tolerance stated in ops/mhc.py); a mismatch is noted on the row, not fatal. The 85% target applies
+to T >= 1024 (smaller T is latency-bound: at T = 1 the op reads 1.5 MB of fn for 32 KB of X).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def _shapes(ctx):
 
 def _pre_bytes(t, d):
     return 8 * t * d + 24 * 4 * d * 4 + 27 * 4 + 2 * t * d + 16 * t + 64 * t
+
+
+def _head_bytes(t, d):
+    return 8 * t * d + 4 * 4 * d * 4 + 5 * 4 + 2 * t * d
 
 
 def _post_bytes(t, d):
@@ -92,6 +97,24 @@ def run(ctx):
                            bound="hbm", target_pct=target, target_note=note_t if target else "", note=note)
             except Exception as exc:  # one backend failing must not hide the others
                 ctx.record_failure(FAMILY, "mhc_pre", backend, shape, exc)
+        # ---- mhc_head (the final collapse: same X pass, 4 mixes, no Sinkhorn), Triton only
+        hbytes = _head_bytes(t, d)
+        hsets = [(a[0], a[1][:4].contiguous(), a[2][:4].contiguous(), a[3][:1].contiguous()) for a in sets]
+        hwant = ops.mhc_head(*hsets[0], backend="reference")
+        for backend in [be for be in kernel_backends("mhc_head")]:
+            try:
+                note = ""
+                got = ops.mhc_head(*hsets[0], backend=backend)
+                if not torch.allclose(got.float(), hwant.float(), atol=1e-6, rtol=2.0 ** -7):
+                    note = "OUTPUT OUTSIDE THE STATED TOLERANCE"
+                    ctx.log(f"[bench] mhc_head {backend} {shape}: output outside the tolerance")
+                tm = ctx.time(lambda *a, be=backend: ops.mhc_head(*a, backend=be), arg_sets=hsets, graph=True)
+                ctx.record(FAMILY, "mhc_head", backend, shape, tm, flops=2 * 4 * 4 * d * t + 8 * t * d, bytes=hbytes,
+                           bound="hbm", target_pct=target, target_note=note_t if target else "", note=note)
+            except Exception as exc:
+                ctx.record_failure(FAMILY, "mhc_head", backend, shape, exc)
+        del hsets, hwant
+
         x0 = sets[0][0]
         _, post0, comb0 = want
         del sets, want

@@ -137,9 +137,16 @@ def test_mhc_pre_kernel_vs_reference(backend, dtype, T, d, gen, device):
     _check_pre_outputs(got, want)
 
 
+PATHS = {  # tiling of the Triton hc_pre: split-K path (split, d_split) or streaming path (stream, K slice)
+    "fused": dict(split=1, d_split=1), "k2": dict(split=2, d_split=1), "k3-d2": dict(split=3, d_split=2),
+    "k4-d3": dict(split=4, d_split=3),
+    "stream": dict(stream=True), "stream-ks32": dict(stream=True, ks=32), "stream-ks256": dict(stream=True, ks=256),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("split,d_split", [(1, 1), (2, 1), (3, 2), (4, 3)], ids=["fused", "k2", "k3-d2", "k4-d3"])
-def test_triton_pre_paths_y_bitwise_given_pre(split, d_split, dtype, gen, device):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_triton_pre_paths_y_bitwise_given_pre(path, dtype, gen, device):
     """Every tiling gives y == bf16(Σ pre_i X_i) bitwise for its own pre, and pre/post/comb within tolerance."""
     if "triton" not in BACKENDS:
         pytest.skip("Triton cannot run here")
@@ -148,7 +155,7 @@ def test_triton_pre_paths_y_bitwise_given_pre(split, d_split, dtype, gen, device
     T, d = 21, 64
     x = _streams(gen, T, d, dtype)
     fn, base, scale = _params(gen, d)
-    y, post, comb, pre = tri.mhc_pre(*_to(device, x, fn, base, scale), split=split, d_split=d_split, return_pre=True)
+    y, post, comb, pre = tri.mhc_pre(*_to(device, x, fn, base, scale), return_pre=True, **PATHS[path])
     assert_bitwise_equal(y.cpu(), ref.weighted_sum(x, pre.cpu()).to(torch.bfloat16), "y given pre")
     assert_close(pre.cpu(), ref.mhc_pre_weights(x, fn, base, scale), atol=W_ATOL, rtol=0, name="pre")
     _check_pre_outputs((y, post, comb), ref.mhc_pre(x, fn, base, scale))
@@ -217,6 +224,32 @@ def test_mhc_pre_hypothesis_tokens(backend, T, d, seed):
     fn, base, scale = _params(g, d)
     got = ops.mhc_pre(*_to(dev, x, fn, base, scale), backend=backend)
     _check_pre_outputs(got, ref.mhc_pre(x, fn, base, scale))
+
+
+@pytest.mark.parametrize("T,d", [(1, 16), (5, 48), (40, 64), (70, 32)])
+@pytest.mark.parametrize("head", [False, True], ids=["pre", "head"])
+def test_triton_stream_path(T, d, head, gen, device):
+    """The streaming kernel (producers, finisher, consumers) at ragged T and several K slices per token."""
+    if "triton" not in BACKENDS:
+        pytest.skip("Triton cannot run here")
+    from v4kernels.triton import mhc as tri
+
+    x = _streams(gen, T, d, magnitude=3.0)
+    if head:
+        fn, base, scale = _params(gen, d, nmix=4, nscale=1)
+        y, pre = tri.mhc_head(*_to(device, x, fn, base, scale), stream=True, return_pre=True)
+        assert_close(y.cpu().float(), ref.mhc_head(x, fn, base, scale).float(), atol=1e-6, rtol=Y_RTOL, name="y")
+        assert_close(pre.cpu(), ref.mhc_head_weights(x, fn, base, scale), atol=W_ATOL, rtol=0, name="pre")
+    else:
+        fn, base, scale = _params(gen, d)
+        y, post, comb, pre = tri.mhc_pre(*_to(device, x, fn, base, scale), stream=True, return_pre=True)
+        _check_pre_outputs((y, post, comb), ref.mhc_pre(x, fn, base, scale))
+        assert_close(pre.cpu(), ref.mhc_pre_weights(x, fn, base, scale), atol=W_ATOL, rtol=0, name="pre")
+    assert_bitwise_equal(y.cpu(), ref.weighted_sum(x, pre.cpu()).to(torch.bfloat16), "y given pre")
+    if not head:  # same bytes again (the finisher of a block is whichever producer arrives last)
+        again = tri.mhc_pre(*_to(device, x, fn, base, scale), stream=True)
+        for a, b, n in zip(again, (y, post, comb), ("y", "post", "comb")):
+            assert_bitwise_equal(a, b, n)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -365,7 +398,7 @@ def test_opcheck(gen, device):
 # ---------------------------------------------------------------- GPU: V4 widths, graphs, compile
 @pytest.mark.cuda
 @pytest.mark.parametrize("d", [4096, 7168], ids=["flash", "pro"])
-@pytest.mark.parametrize("T", [1, 64, 1000])
+@pytest.mark.parametrize("T", [1, 64, 1000, 4096])
 def test_cuda_v4_widths(d, T):
     g = make_generator(f"cuda-{d}-{T}")
     x = _streams(g, T, d)
@@ -395,9 +428,45 @@ def test_cuda_v4_widths(d, T):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_and_compile():
+@pytest.mark.parametrize("d", [4096, 7168], ids=["flash", "pro"])
+@pytest.mark.parametrize("T", [1000, 4096])
+def test_cuda_stream_and_split_paths(d, T):
+    """Both Triton tilings at V4 widths: y bitwise given the kernel's own pre, the weights within the
+    tolerance of test_cuda_v4_widths, and the two tilings within that tolerance of each other; the
+    streaming path's outputs do not depend on the batch (tiling fixed by d, a token's sums do not
+    depend on its neighbours)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no Triton backend")
+    from v4kernels.triton import mhc as tri
+
+    g = make_generator(f"paths-{d}-{T}")
+    x = _streams(g, T, d)
+    fn, base, scale = _params(g, d)
+    args = _to("cuda", x, fn, base, scale)
+    want = ref.mhc_pre(x, fn, base, scale)
+    outs = {}
+    for name, kw in (("stream", dict(stream=True)), ("split", dict(stream=False))):
+        y, post, comb, pre = tri.mhc_pre(*args, return_pre=True, **kw)
+        assert_bitwise_equal(y.cpu(), ref.weighted_sum(x, pre.cpu()).to(torch.bfloat16), f"y given pre [{name}]")
+        _check_pre_outputs((y, post, comb), want, f"[{name}]", w_atol=2e-4, y_atol=1e-3)
+        outs[name] = (post.cpu(), comb.cpu())
+    for a, b in zip(outs["stream"], outs["split"]):
+        assert_close(a, b, atol=2e-4, rtol=0, name="stream vs split")
+    # batch invariance of the streaming tiling: the first 300 tokens alone give the same bytes
+    y1, p1, c1 = tri.mhc_pre(args[0][:300].contiguous(), *args[1:], stream=True)
+    yf, pf, cf = tri.mhc_pre(*args, stream=True)
+    for a, b, n in zip((y1, p1, c1), (yf[:300], pf[:300], cf[:300]), ("y", "post", "comb")):
+        assert_bitwise_equal(a, b, n)
+    yh, preh = tri.mhc_head(args[0], fn[:4].cuda(), base[:4].cuda(), scale[:1].cuda(), stream=True, return_pre=True)
+    assert_bitwise_equal(yh.cpu(), ref.weighted_sum(x, preh.cpu()).to(torch.bfloat16), "head y given pre")
+    assert_close(preh.cpu(), ref.mhc_head_weights(x, fn[:4], base[:4], scale[:1]), atol=2e-4, rtol=0, name="head pre")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [8, 1024], ids=["split", "stream"])
+def test_cuda_graph_and_compile(T):
     g = make_generator("graph")
-    d, T = 4096, 8
+    d = 4096
     x, fn, base, scale = _to("cuda", _streams(g, T, d), *_params(g, d))
     for backend in BACKENDS:
         want = ops.mhc_pre(x, fn, base, scale, backend=backend)

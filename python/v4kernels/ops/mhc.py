@@ -17,13 +17,16 @@ Within a tolerance (not bitwise):
     ``mix = (fn @ flatten(x)) * rsqrt(mean(x^2) + eps)``, i.e. of dot products 4d = 16384 / 28672
     long. The reference sums them in BLAS order; the kernel in tensor-core tile order (fp32
     accumulation of exact products: fn is split into three bf16 parts that sum exactly to it),
-    with split-K partials added in a fixed order for small T. Different summation orders give
+    with K-slice partials added in a fixed order (split-K path for T < 512; for T >= 512 the
+    one-pass streaming kernel, 1024-wide K slices). Different summation orders give
     logits that differ by a few fp32 ulps of the sum of |terms|; sigmoid/exp/division ulps add to
     that. Measured and tested bounds: post/pre within 1e-5 absolute, comb within 1e-5 absolute, y
     within one bf16 ulp (a pre difference of ~1e-7 can move a y value across a rounding boundary).
-Determinism: no atomics; the tiling (block sizes, number of K splits) is a fixed function of
-(T, d, device), so the same call gives the same bytes on every run. A token's post/comb may
-differ in the last bits between calls with different T (the split-K choice depends on T).
+Determinism: no atomics on data (the streaming kernel's counters only order work); the tiling
+(block sizes, number of K splits) is a fixed function of (T, d, device), so the same call gives
+the same bytes on every run. For T >= 512 the tiling depends on d only, so a token's outputs do
+not depend on T or on the other tokens; below that a token's post/comb may differ in the last
+bits between calls with different T (the split-K choice depends on T).
 """
 from __future__ import annotations
 
