@@ -467,12 +467,14 @@ void moe_mxfp4_decode_launch(const void* a, const void* a_scale, const void* w0,
   if (M >= (int64_t(1) << 31) || N >= (int64_t(1) << 31) || K >= (int64_t(1) << 30) || Ma >= (int64_t(1) << 31))
     throw std::runtime_error("moe_mxfp4_decode: sizes out of the int32 range");
   if (mode != kW4A8 && mode != kW4A16) throw std::runtime_error("moe_mxfp4_decode: mode must be 0 (w4a8) or 1 (w4a16)");
-  if (mode == kW4A8 && a_scale == nullptr) throw std::runtime_error("moe_mxfp4_decode: w4a8 needs a_scale");
-  if (Ma == 0) {  // no activation rows: every row is empty (and `a` may hold no valid address)
+  // No activation rows: every row is empty. Checked first: `a` and `a_scale` then hold no valid
+  // address (an empty tensor's data pointer may be null).
+  if (Ma == 0) {
     cudaError_t err = cudaMemsetAsync(out, 0, size_t(M) * size_t(N) * 2, stream);
     if (err != cudaSuccess) throw std::runtime_error(std::string("moe_mxfp4_decode: memset failed: ") + cudaGetErrorString(err));
     return;
   }
+  if (mode == kW4A8 && a_scale == nullptr) throw std::runtime_error("moe_mxfp4_decode: w4a8 needs a_scale");
   Params p;
   p.a = static_cast<const uint8_t*>(a);
   p.a_scale = static_cast<const uint8_t*>(a_scale);

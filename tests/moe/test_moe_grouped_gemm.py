@@ -13,10 +13,22 @@ from v4kernels.ops import moe as ops
 from v4kernels.reference import linear as L
 from v4kernels.reference import moe as ref
 from v4kernels.reference import quant as q
-from v4kernels.testing import assert_all_written, kernel_backends, make_generator, poisoned, run_opcheck
+from v4kernels.testing import assert_all_written, calc_diff, kernel_backends, make_generator, poisoned, run_opcheck
 
 BACKENDS = kernel_backends("moe_grouped_gemm_mxfp4")
 MODES = ["w4a8", "w4a16"]
+# W4A8 runs one of two Triton paths chosen by group size: "fold" (FP8 MMA on e4m3 weights with the
+# per-32 scales folded in, prefill) or "bf16" (exactly dequantized activations on the W4A16
+# kernel, decode). The tests force each in turn (the CPU test shapes are decode-sized).
+A8_PATHS = ["fold", "bf16"]
+
+
+@pytest.fixture(params=A8_PATHS)
+def a8_path(request, monkeypatch):
+    from v4kernels.triton import moe as tri
+
+    monkeypatch.setattr(tri, "A8_PATH", request.param)
+    return request.param
 
 
 def test_reference_w4a8_matches_fp4_linear(gen):
@@ -74,7 +86,9 @@ def _gemm_case(gen, counts, K, N, pad=1, holes=False):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_grouped_gemm_kernel(backend, mode, case, gen, device):
+def test_grouped_gemm_kernel(backend, mode, case, gen, device, a8_path):
+    if mode == "w4a16" and a8_path != A8_PATHS[0]:
+        pytest.skip("the W4A8 path choice does not apply to w4a16")
     from v4kernels.triton import moe as tri
 
     a, w, s, off, rid = _gemm_case(gen, CASES[case], 256, 48, pad=2, holes=True)
@@ -101,7 +115,9 @@ def test_grouped_gemm_prequantized_fp8_and_no_row_ids(backend, gen, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
-def test_grouped_swiglu_kernel(backend, mode, gen, device):
+def test_grouped_swiglu_kernel(backend, mode, gen, device, a8_path):
+    if mode == "w4a16" and a8_path != A8_PATHS[0]:
+        pytest.skip("the W4A8 path choice does not apply to w4a16")
     from v4kernels.triton import moe as tri
 
     counts = [2, 0, 6, 1]
@@ -129,6 +145,34 @@ def test_grouped_gemm_hypothesis_group_sizes(backend, counts, mode, pad, seed):
     out = ops.moe_grouped_gemm_mxfp4(a.to(dev), None, w.to(dev), s.to(dev), off.to(dev), rid.to(dev), mode,
                                      backend=backend)
     assert_gemm_close(out.cpu(), want)
+
+
+def test_fold_flushes_only_far_below_the_row_scale(gen, device, monkeypatch):
+    """The FP8 path folds the per-32 weight scales into e4m3 values relative to the largest scale R
+    of each weight row: exact for blocks with scale >= R - 11, blocks further below are flushed to
+    zero (documented). Here one block per row sits 20 binades down: the kernel equals the
+    reference on weights with those blocks zeroed, bit for bit after bf16 up to summation order."""
+    from v4kernels.triton import moe as tri
+
+    monkeypatch.setattr(tri, "A8_PATH", "fold")
+    E, N, K = 2, 32, 256
+    w, s = mxfp4_experts(gen, E, N, K)
+    s = s.view(torch.uint8).clone()
+    far = torch.randint(0, K // 32, (E, N), generator=gen)
+    ref_max = s.amax(dim=2)
+    s.scatter_(2, far[..., None], (ref_max[..., None].int() - 20).clamp(min=0).to(torch.uint8))
+    a = activations(gen, 12, K)
+    off = offsets_from_counts([5, 7])
+    out = tri.moe_grouped_gemm_mxfp4(a.to(device), None, w.to(device), s.to(device), off.to(device), None, "w4a8")
+    # the same weights with the far blocks' codes zeroed
+    codes = q.unpack_fp4(w).view(E, N, K // 32, 32)
+    codes.scatter_(2, far[..., None, None].expand(E, N, 1, 32), 0)
+    w0 = q.pack_fp4(codes.view(E, N, K))
+    want = ref.moe_grouped_gemm_mxfp4(a, None, w0, s, off, None, "w4a8")
+    assert_gemm_close(out.cpu(), want)
+    # and the full reference differs by no more than the flushed blocks can contribute
+    full = ref.moe_grouped_gemm_mxfp4(a, None, w, s, off, None, "w4a8")
+    assert calc_diff(out.cpu().float(), full.float()) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,11 +1,12 @@
 """The MoE kernels' GPU paths compile for sm_90 (on the CPU, no GPU needed).
 
 Under the interpreter the launchers pick other dtypes and tiles than on a GPU (decoded fp32 dots
-instead of FP8 / bf16 ``tl.dot``, one small tile config), so the ``V4K_SM90_CHECK`` recorder does not
-see the GPU specializations. This test builds them from the launchers' own GPU tile choice
-(``_config`` with the interpreter switched off) for the V4-Flash and V4-Pro expert shapes, decode
-and prefill row counts, both modes, fused W1/W3 + SwiGLU and plain, plus the router and combine
-kernels, and compiles each with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``.
+instead of FP8 / bf16 ``tl.dot``, one small tile config, no inline PTX), so the ``V4K_SM90_CHECK``
+recorder does not see the GPU specializations. This test builds them from the launchers' own GPU
+tile choice (``_config`` / ``_fold_config`` with the interpreter switched off) for the V4-Flash and
+V4-Pro expert shapes, decode and prefill row counts, the W4A16 kernel (also W4A8 decode) and the
+W4A8 FP8-MMA kernel, fused W1/W3 + SwiGLU and plain, plus the router and combine kernels, and
+compiles each with ``triton.compile(..., target=GPUTarget("cuda", 90, 32))``.
 """
 import importlib.util
 import os
@@ -26,27 +27,43 @@ MOD = "v4kernels.triton.moe"
 MODELS = {"flash": dict(d=4096, inter=2048, E=256), "pro": dict(d=7168, inter=3072, E=384)}
 
 
-def _gpu_config(*args):
+def _gpu(fn, *args):
     orig = tri._interp
     tri._interp = lambda: False
     try:
-        return tri._config(*args)
+        return fn(*args)
     finally:
         tri._interp = orig
 
 
-def _grouped_spec(M, E, N, K, mode, swiglu, has_rid, has_rw):
-    a8 = mode == "w4a8"
-    BM, BN, BK, warps, stages = _gpu_config(M, E, N, K, a8, swiglu)
-    sig = {"a_ptr": "*fp8e4nv" if a8 else "*bf16", "as_ptr": "*u8" if a8 else "*i32", "rid_ptr": "*i32",
-           "rw_ptr": "*fp32" if has_rw else "*bf16", "w1_ptr": "*u8", "s1_ptr": "*u8", "w3_ptr": "*u8",
-           "s3_ptr": "*u8", "off_ptr": "*i32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "Ma": "i32",
-           "E": "i32", "num_n": "i32", "limit": "fp32"}
-    cx = {"HAS_RID": has_rid, "HAS_RW": has_rw, "SWIGLU": swiglu, "A8": a8, "DOT_F32": False,
+_COMMON = {"rid_ptr": "*i32", "w1_ptr": "*u8", "s1_ptr": "*u8", "w3_ptr": "*u8", "s3_ptr": "*u8", "off_ptr": "*i32",
+           "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "Ma": "i32", "E": "i32", "num_n": "i32",
+           "limit": "fp32"}
+
+
+def _a16_spec(M, E, N, K, swiglu, has_rid, has_rw):
+    """W4A16 kernel (also W4A8 decode, on the dequantized activations)."""
+    BM, BN, BK, warps, stages = _gpu(tri._config, M, E, N, K, swiglu)
+    sig = {"a_ptr": "*bf16", "rw_ptr": "*fp32" if has_rw else "*bf16", **_COMMON}
+    cx = {"HAS_RID": has_rid, "HAS_RW": has_rw, "SWIGLU": swiglu, "DOT_F32": False,
           "EP": triton.next_power_of_2(E + 2), "BM": BM, "BN": BN, "BK": BK}
     for k in cx:
         sig[k] = "constexpr"
     return {"module": MOD, "name": "_grouped_mxfp4_kernel", "signature": sig, "constexprs": cx,
+            "options": {"num_warps": warps, "num_stages": stages}}
+
+
+def _fold_spec(M, E, N, K, swiglu, has_rid, has_rw):
+    """W4A8 FP8-MMA kernel (prefill)."""
+    BT, BW, warps, stages = _gpu(tri._fold_config, M, E, N, K, swiglu)
+    sig = {"a_ptr": "*fp8e4nv", "as_ptr": "*u8", "rw_ptr": "*fp32" if has_rw else "*bf16", **_COMMON}
+    sig = {k: sig[k] for k in ("a_ptr", "as_ptr", "rid_ptr", "rw_ptr", "w1_ptr", "s1_ptr", "w3_ptr", "s3_ptr",
+                               "off_ptr", "out_ptr", "M", "N", "K", "Ma", "E", "num_n", "limit")}
+    cx = {"HAS_RID": has_rid, "HAS_RW": has_rw, "SWIGLU": swiglu, "DOT_F32": False,
+          "EP": triton.next_power_of_2(E + 2), "BT": BT, "BW": BW}
+    for k in cx:
+        sig[k] = "constexpr"
+    return {"module": MOD, "name": "_w4a8_fold_kernel", "signature": sig, "constexprs": cx,
             "options": {"num_warps": warps, "num_stages": stages}}
 
 
@@ -58,16 +75,16 @@ def grouped_specs():
         for rows_per_expert in (1, 16, 64, 256, 4096):  # decode, mid, prefill tiles
             n_exp = 32
             M = rows_per_expert * n_exp
-            for mode in ("w4a8", "w4a16"):
-                # layer calls: W1/W3 + SwiGLU with row ids and weights; W2 plain on the grouped rows
-                for N, K, swiglu, rid, rw in ((inter, d, True, True, True), (d, inter, False, False, False),
-                                              (inter, d, True, False, False), (d, inter, False, True, False)):
-                    s = _grouped_spec(M, E, N, K, mode, swiglu, rid, rw)
-                    key = repr(sorted(s["constexprs"].items())) + repr(s["options"])
+            # layer calls: W1/W3 + SwiGLU with row ids and weights; W2 plain on the grouped rows
+            for N, K, swiglu, rid, rw in ((inter, d, True, True, True), (d, inter, False, False, False),
+                                          (inter, d, True, False, False), (d, inter, False, True, False)):
+                makers = [_a16_spec]
+                if tri._a8_path(M, E) == "fold":
+                    makers.append(_fold_spec)
+                for make in makers:
+                    s = make(M, E, N, K, swiglu, rid, rw)
+                    key = s["name"] + repr(sorted(s["constexprs"].items())) + repr(s["options"])
                     specs[key] = s
-    # K a multiple of 128 but not 256: the A16 decode tile falls back to BK=128
-    s = _grouped_spec(32, 32, 256, 384, "w4a16", False, True, False)
-    specs["bk128"] = s
     return list(specs.values())
 
 

@@ -257,6 +257,15 @@ def moe_grouped_gemm_mxfp4(
     mode : "w4a8" (the reference: FP8 1x128 activations, per 32-K chunk
         ``acc += dot32(xq, Wq) * sx * sW``) or "w4a16" (bf16 activations, dequantized weights).
 
+    Numerics of the kernels (all sum the reference's exact products in another order):
+    the CUDA decode kernel sums each 32-K chunk on the tensor cores; the Triton W4A8 prefill
+    kernel writes each weight as the e4m3 value ``E2M1 * 2^(sW - R + 6)`` (R = the largest
+    e8m0 scale of the weight row) and sums a 128-K block per FP8 MMA before the fp32 promotion
+    ``acc += block * sx``. That is exact for every 32-block whose scale is >= R - 11; blocks
+    further below their row's largest scale (never seen in real checkpoints) are flushed to 0.
+    Triton W4A8 decode (<= 16 rows per expert) runs the W4A16 kernel on ``bf16(xq * sx)`` (exact).
+    Results agree with the reference to about one bf16 rounding step (calc_diff ~1e-7).
+
     Returns
     -------
     out : bf16 [M, N].
