@@ -20,7 +20,13 @@ def _parse(argv):
     d.add_argument("--decode-steps", type=int, default=None, help="decode steps after the prefill (default 4 / 32)")
     d.add_argument("--backend", default=None, help="auto | triton | cuda | reference (default auto; on a CPU "
                    "'triton' runs the kernels under TRITON_INTERPRET=1)")
+    d.add_argument("--numerics", default="reference", choices=("reference", "dense"),
+                   help="reference: every fake-quant point of the spec; dense: no quantization simulation")
     d.add_argument("--moe-mode", default="w4a8", choices=("w4a8", "w4a16"))
+    d.add_argument("--check-steps", type=int, default=None,
+                   help="decode steps validated against the reference path (default 4; the reference is slow)")
+    d.add_argument("--check-tokens", type=int, default=1024,
+                   help="prompt tokens per sequence in the reference-path validation (default 1024)")
     d.add_argument("--no-check", action="store_true", help="skip the reference-path validation")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None)

@@ -10,9 +10,17 @@ Conventions (those of the ops):
   reference's initial values (kv 0, score -inf) when a sequence is allocated: no state leaks
   between requests.
 Pages are allocated on the host when a sequence grows (``reserve``) and returned on ``release``.
+
+``numerics="dense"`` (the model's dense mode, no quantization simulation) keeps plain bf16 caches
+instead, addressed by (state slot, position): ``dense_window`` [max_seqs, max_context, 512] (RoPE'd
+KV, no FP8), ``dense_compressed`` [max_seqs, max_context // r + 1, 512] and ``dense_indexer``
+[max_seqs, max_context // 4 + 1, 128] (Hadamard-rotated keys, no FP4). The compressor states are the
+same in both modes. Only positions below a sequence's length are ever read, so nothing leaks from a
+released sequence into the next one that gets its slot.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -24,22 +32,43 @@ from v4kernels.reference import compressor as comp_ref
 from .config import ModelConfig
 
 
+NUMERICS = ("reference", "dense")
+# bytes per cached row of each layout of sequence_bytes: (KV row, indexer key row)
+LAYOUTS = {
+    "v4": (F.KV584.row_bytes, F.IDX_FP4.row_bytes),       # 584-B KV + 68-B MXFP4 indexer keys (ours)
+    "v4_fp8_index": (F.KV584.row_bytes, F.IDX_FP8.row_bytes),  # vLLM's default: 132-B FP8 indexer keys
+    "bf16": (2 * F.KV_DIM, 2 * F.IDX_DIM),                # the reference's bf16 buffers (1024 B, 256 B)
+}
+
+
 @dataclass
 class LayerCaches:
     ratio: int
-    window: F.PagedCache
+    window: Optional[F.PagedCache] = None  # reference numerics: paged KV584 / IDX_FP4 caches
     compressed: Optional[F.PagedCache] = None
     indexer: Optional[F.PagedCache] = None
     state_kv: Optional[torch.Tensor] = None  # main compressor
     state_score: Optional[torch.Tensor] = None
     idx_state_kv: Optional[torch.Tensor] = None  # indexer compressor
     idx_state_score: Optional[torch.Tensor] = None
+    dense_window: Optional[torch.Tensor] = None  # dense numerics: bf16 [slots, positions, dim]
+    dense_compressed: Optional[torch.Tensor] = None
+    dense_indexer: Optional[torch.Tensor] = None
+
+    def tensors(self) -> List[torch.Tensor]:
+        out = [c.data for c in (self.window, self.compressed, self.indexer) if c is not None]
+        return out + [t for t in (self.state_kv, self.state_score, self.idx_state_kv, self.idx_state_score,
+                                  self.dense_window, self.dense_compressed, self.dense_indexer) if t is not None]
 
 
 class CacheManager:
     """All caches of a model for up to ``max_seqs`` sequences of up to ``max_context`` tokens."""
 
-    def __init__(self, cfg: ModelConfig, device, max_seqs: int, max_context: int, page_size: int = 64):
+    def __init__(self, cfg: ModelConfig, device, max_seqs: int, max_context: int, page_size: int = 64,
+                 numerics: str = "reference"):
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics: expected one of {NUMERICS}, got {numerics!r}")
+        self.numerics = numerics
         self.cfg = cfg
         self.device = torch.device(device)
         self.page_size = page_size
@@ -50,14 +79,26 @@ class CacheManager:
         self._lengths: Dict[int, int] = {}
         pages = lambda n_rows: max_seqs * (-(-n_rows // page_size)) + 1  # noqa: E731
         self.layers: List[LayerCaches] = []
+        dense = numerics == "dense"
+        bf16 = lambda *shape: torch.zeros(*shape, dtype=torch.bfloat16, device=self.device)  # noqa: E731
         for layer_id, ratio in enumerate(cfg.compress_ratios):
-            lc = LayerCaches(ratio, F.PagedCache(F.KV584, pages(max_context), page_size, self.device))
+            lc = LayerCaches(ratio)
+            if dense:
+                lc.dense_window = bf16(max_seqs, max_context, F.KV_DIM)
+            else:
+                lc.window = F.PagedCache(F.KV584, pages(max_context), page_size, self.device)
             if ratio > 0:
                 n_entries = max_context // ratio + 1
-                lc.compressed = F.PagedCache(F.KV584, pages(n_entries), page_size, self.device)
+                if dense:
+                    lc.dense_compressed = bf16(max_seqs, n_entries, F.KV_DIM)
+                else:
+                    lc.compressed = F.PagedCache(F.KV584, pages(n_entries), page_size, self.device)
                 lc.state_kv, lc.state_score = comp_ref.new_state(max_seqs, ratio, "main", self.device)
             if ratio == 4:
-                lc.indexer = F.PagedCache(F.IDX_FP4, pages(max_context // 4 + 1), page_size, self.device)
+                if dense:
+                    lc.dense_indexer = bf16(max_seqs, max_context // 4 + 1, F.IDX_DIM)
+                else:
+                    lc.indexer = F.PagedCache(F.IDX_FP4, pages(max_context // 4 + 1), page_size, self.device)
                 lc.idx_state_kv, lc.idx_state_score = comp_ref.new_state(max_seqs, 4, "indexer", self.device)
             self.layers.append(lc)
 
@@ -99,6 +140,8 @@ class CacheManager:
         if new_len > self.max_context:
             raise ValueError(f"sequence {seq_id}: {new_len} tokens exceed max_context {self.max_context}")
         for lc in self.layers:
+            if lc.window is None:  # dense caches: every position of every slot is allocated up front
+                continue
             lc.window.reserve(seq_id, new_len)
             if lc.compressed is not None:
                 lc.compressed.reserve(seq_id, new_len // lc.ratio)
@@ -108,6 +151,8 @@ class CacheManager:
 
     def block_tables(self, layer_id: int, seq_ids: List[int]) -> Dict[str, torch.Tensor]:
         lc = self.layers[layer_id]
+        if lc.window is None:
+            return {}  # dense caches are addressed by state slot
         out = {"window": lc.window.block_table(seq_ids)}
         if lc.compressed is not None:
             out["compressed"] = lc.compressed.block_table(seq_ids)
@@ -119,15 +164,48 @@ class CacheManager:
     def bytes_per_token(self, context: int) -> float:
         return sequence_bytes(self.cfg, context) / max(context, 1)
 
+    def allocated_bytes(self) -> int:
+        """Device bytes this manager holds (pages, dense buffers and compressor states, all slots)."""
+        return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
 
-def sequence_bytes(cfg: ModelConfig, context: int) -> int:
-    """Cache bytes of one sequence at ``context`` tokens as a production engine stores them: a
-    128-row window, the compressed rows and the FP4 indexer keys of every layer (MTP included)."""
+
+def manager_bytes(cfg: ModelConfig, max_seqs: int, max_context: int, page_size: int = 64,
+                  numerics: str = "reference") -> int:
+    """Device bytes ``CacheManager(cfg, ..., max_seqs, max_context, page_size, numerics)`` allocates
+    (``allocated_bytes`` of the built manager), without allocating: to check that a size fits."""
+    pages = lambda n_rows: max_seqs * (-(-n_rows // page_size)) + 1  # noqa: E731
+    dense = numerics == "dense"
     total = 0
     for ratio in cfg.compress_ratios:
-        total += min(context, cfg.window_size) * F.KV584.row_bytes
+        rows = [(max_context, F.KV584, F.KV_DIM)]
         if ratio > 0:
-            total += (context // ratio) * F.KV584.row_bytes
+            rows.append((max_context // ratio + 1, F.KV584, F.KV_DIM))
+            total += 2 * 4 * math.prod(comp_ref.state_shape(max_seqs, ratio, "main"))
         if ratio == 4:
-            total += (context // 4) * F.IDX_FP4.row_bytes
+            rows.append((max_context // 4 + 1, F.IDX_FP4, F.IDX_DIM))
+            total += 2 * 4 * math.prod(comp_ref.state_shape(max_seqs, 4, "indexer"))
+        for n, fmt, dim in rows:
+            total += max_seqs * n * dim * 2 if dense else pages(n) * fmt.page_bytes(page_size)
+    return total
+
+
+def sequence_bytes(cfg: ModelConfig, context: int, layout: str = "v4") -> int:
+    """Cache bytes of one sequence at ``context`` tokens as a production engine stores them: a
+    128-row window, the compressed rows and the indexer keys of every layer (MTP included).
+
+    ``layout``: "v4" (584-B KV rows + 68-B MXFP4 indexer keys, what v4kernels stores), "v4_fp8_index"
+    (132-B FP8 indexer keys, vLLM's default) or "bf16" (the reference's bf16 buffers); spec §6.4 gives
+    Flash 3.69 / 4.04 / 7.22 GB and Pro 5.28 / 5.78 / 10.33 GB at 1,048,576 tokens.
+    (model_ref's own window cache is position-addressed and keeps pages for every position, 584 B per
+    token and layer: ``CacheManager.allocated_bytes`` counts what it really holds.)"""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {tuple(LAYOUTS)}, got {layout!r}")
+    kv_row, idx_row = LAYOUTS[layout]
+    total = 0
+    for ratio in cfg.compress_ratios:
+        total += min(context, cfg.window_size) * kv_row
+        if ratio > 0:
+            total += (context // ratio) * kv_row
+        if ratio == 4:
+            total += (context // 4) * idx_row
     return total

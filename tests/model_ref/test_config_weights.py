@@ -26,6 +26,15 @@ def test_cache_bytes_at_1m_match_spec_table():
     assert sequence_bytes(C.pro(), 1 << 20) / 1e9 == pytest.approx(5.28, abs=0.01)
 
 
+@pytest.mark.parametrize("numerics", ["reference", "dense"])
+def test_manager_bytes_predicts_the_allocation(numerics):
+    from v4kernels.model_ref.cache import CacheManager, manager_bytes
+
+    cfg = C.tiny()
+    got = CacheManager(cfg, "cpu", 3, 300, 16, numerics).allocated_bytes()
+    assert manager_bytes(cfg, 3, 300, 16, numerics) == got
+
+
 def test_from_hf_config_official_keys(tmp_path):
     hf = {
         "model_type": "deepseek_v4", "vocab_size": 129280, "hidden_size": 4096, "num_hidden_layers": 43,
