@@ -223,6 +223,18 @@ def _w16_tile(w_ptr, s_ptr, wrow, srow, nmask, k0, BN: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
+def _swiglu_bf16(g, u, limit, rw_ptr, rows, amask, HAS_RW: tl.constexpr):
+    """The SwiGLU epilogue of both GEMM kernels (spec: bf16 gate/up, clamp, silu(g) * u, optional
+    routing weight per row), rounded to the bf16 grid."""
+    g = tl.minimum(round_bf16(g), limit)
+    u = tl.minimum(tl.maximum(round_bf16(u), -limit), limit)
+    h = g / (1.0 + tl.exp(-g)) * u
+    if HAS_RW:
+        h = h * tl.load(rw_ptr + rows, mask=amask, other=0.0)[:, None]
+    return round_bf16(h)
+
+
+@triton.jit
 def _grouped_mxfp4_kernel(
     a_ptr, rid_ptr, rw_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, off_ptr, out_ptr,
     M, N, K, Ma, E, num_n, limit,
@@ -273,12 +285,7 @@ def _grouped_mxfp4_kernel(
             acc3 += tl.dot(a, tl.trans(wt3))
 
     if SWIGLU:
-        g = tl.minimum(round_bf16(acc1), limit)
-        u = tl.minimum(tl.maximum(round_bf16(acc3), -limit), limit)
-        h = g / (1.0 + tl.exp(-g)) * u
-        if HAS_RW:
-            h = h * tl.load(rw_ptr + rows, mask=amask, other=0.0)[:, None]
-        res = round_bf16(h)
+        res = _swiglu_bf16(acc1, acc3, limit, rw_ptr, rows, amask, HAS_RW)
     else:
         res = round_bf16(acc1)
     res = tl.where(amask[:, None], res, 0.0)
@@ -501,12 +508,7 @@ def _w4a8_fold_kernel(
     v = acc * (_e8m0_to_f32(ref) * 0.015625)[None, :]
     if SWIGLU:
         g, u = tl.split(tl.permute(tl.reshape(v, (BT, 2, BH)), (0, 2, 1)))
-        g = tl.minimum(round_bf16(g), limit)
-        u = tl.minimum(tl.maximum(round_bf16(u), -limit), limit)
-        h = g / (1.0 + tl.exp(-g)) * u
-        if HAS_RW:
-            h = h * tl.load(rw_ptr + rows, mask=amask, other=0.0)[:, None]
-        res = round_bf16(h)
+        res = _swiglu_bf16(g, u, limit, rw_ptr, rows, amask, HAS_RW)
     else:
         res = round_bf16(v)
     ocols = pid_n * BH + tl.arange(0, BH)
