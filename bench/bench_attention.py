@@ -160,43 +160,17 @@ def _bench_decode(ctx, name, kind, H, topk, ctx_len, B, gen, bound, target, note
             t = ctx.time(fn, arg_sets=sets, graph=True)
             ctx.record(FAMILY, op, be, shape, t, flops=flops, bytes=nbytes, bound=bound, target_pct=target,
                        target_note=note + f" (splits {plan.num_splits[kind]}, {_impl(H, dev)})", note=bnote)
-            if be == "triton" and B in (1, 64) and not ctx.quick:
-                _bench_legacy(ctx, A, case, sets, H, s_q, topk, B, dev, op, shape, flops, nbytes, bound, out, lse)
             del sets
         except Exception as exc:
             ctx.record_failure(FAMILY, op, be, shape, exc)
 
 
 def _impl(H, dev):
-    """Kernel and tiles the Triton launcher picks (all-heads MQA kernel, or the legacy head-block one)."""
+    """Tiles the Triton launcher picks (heads per program, keys per tile, warps, pipeline stages)."""
     from v4kernels.triton import attention as T
 
-    if T.use_mqa(H):
-        bh, bn, nch, w, st = T.mqa_config(H, dev)
-        return f"mqa BH{bh} BN{bn} groups{8 // nch} w{w} s{st}"
-    return "legacy BH%d BN%d w%d" % T.block_config(H, dev)
-
-
-def _bench_legacy(ctx, A, case, sets, H, s_q, topk, B, dev, op, shape, flops, nbytes, bound, out, lse):
-    """The previous head-block kernel (V4K_ATTN_IMPL=legacy) on the same shape, as "triton_legacy"."""
-    import os
-
-    old = os.environ.get("V4K_ATTN_IMPL")
-    os.environ["V4K_ATTN_IMPL"] = "legacy"
-    try:
-        plan = A.attention_plan(case["seq_lens"], H, s_q=s_q, csa_topk=topk,
-                                hca_capacity=case.get("compressed_block_table", case["window_block_table"]).shape[1] * PAGE)
-        fn = lambda c: A.sparse_attn_decode(**c, plan=plan, out=out, lse_out=lse, backend="triton")  # noqa: E731
-        t = ctx.time(fn, arg_sets=sets, graph=True)
-        ctx.record(FAMILY, op, "triton_legacy", shape, t, flops=flops, bytes=nbytes, bound=bound,
-                   target_note=f"legacy head-block kernel (splits {plan.num_splits[case['kind']]})")
-    except Exception as exc:
-        ctx.record_failure(FAMILY, op, "triton_legacy", shape, exc)
-    finally:
-        if old is None:
-            os.environ.pop("V4K_ATTN_IMPL", None)
-        else:
-            os.environ["V4K_ATTN_IMPL"] = old
+    bh, bn, w, st = T.attn_config(H, dev)
+    return f"BH{bh} x {-(-H // bh)} BN{bn} w{w} s{st}"
 
 
 def _bench_prefill(ctx, name, kind, H, topk, ctx_len, T, gen, target, note):

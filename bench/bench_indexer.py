@@ -1,10 +1,11 @@
 """Benchmark of the lightning indexer (spec §4): fused scores + top-k over the paged FP4 key cache.
 
 Decode: one query token per sequence at context C (C/4 compressed entries, all visible), 64 heads,
-top-k 512 (Flash) / 1024 (Pro). Memory-bound on the keys: minimum bytes = 68 B per visible key +
-q (64x128 bf16) + weights + indices. Backends: "triton" (fused, logits never in HBM),
-"unfused_topk" (Triton ``indexer_logits`` to HBM, then ``torch.topk``) and "reference" (float32
-eager, small contexts only).
+top-k 512 (Flash) / 1024 (Pro: 128 heads, full runs). Memory-bound on the keys: minimum bytes = 68 B
+per visible key + q (64x128 bf16) + weights + indices. Backends: "triton" (fused, FP8 MMA; logits
+never in HBM), "triton_bf16mma" (the same kernel with exact bf16 products, full runs), "unfused_topk"
+(Triton ``indexer_logits`` to HBM, then ``torch.topk``) and "reference" (float32 eager, small
+contexts only). The shape dict records the fused kernel's plan (programs per query, list length).
 
 Prefill: Q query tokens at the end of a context C (positions C-Q .. C-1, ragged-free single sequence),
 FLOP = 2*64*128 per (query, visible key); bound fp8 (target 60% of the FP8 ceiling).
@@ -34,33 +35,48 @@ def _cache(ctx, batch, n_entries, gen):
     return cache, bt
 
 
-def _queries(ctx, T, gen):
+def _queries(ctx, T, gen, heads=H):
     from v4kernels.reference.quant import fake_quant_fp4
 
-    q = fake_quant_fp4(torch.randn(T, H, 128, device=ctx.device, generator=gen), 32)
-    w = (torch.randn(T, H, device=ctx.device, generator=gen) * 0.05).bfloat16()
+    q = fake_quant_fp4(torch.randn(T, heads, 128, device=ctx.device, generator=gen), 32)
+    w = (torch.randn(T, heads, device=ctx.device, generator=gen) * 0.05).bfloat16()
     return q, w
+
+
+def _plan(ctx, T, heads, n, topk):
+    """The fused kernel's work split (recorded with the shape; empty on a CPU run)."""
+    if ctx.cpu:
+        return {}
+    from v4kernels.triton import indexer as tri
+
+    p = tri.plan_topk(T, heads, n, topk, ctx.device)
+    return {"programs_per_query": p["splits"], "list_len": p["M"]}
 
 
 def _decode(ctx, gen, topk):
     import v4kernels.ops.indexer as ops
+    from v4kernels.triton import indexer as tri
 
+    heads = H if topk <= 512 else 2 * H  # Flash: 64 heads, top-k 512; Pro: 128 heads, top-k 1024
     contexts = ctx.pick(full=(65536, 262144, 1048576), quick=(65536, 1048576), cpu=(4096,))
     batches = ctx.pick(full=(1, 8, 32, 64, 128), quick=(1, 32, 128), cpu=(1, 2))
     backends = ["triton", "unfused_topk"] if not ctx.cpu else []
+    if not ctx.cpu and not ctx.quick:
+        backends.insert(1, "triton_bf16mma")
     for C in contexts:
         n = C // 4
         for B in batches:
-            shape = {"phase": "decode", "context": C, "entries": n, "batch": B, "heads": H, "topk": topk}
+            shape = {"phase": "decode", "context": C, "entries": n, "batch": B, "heads": heads, "topk": topk}
+            shape.update(_plan(ctx, B, heads, n, topk))
             key_bytes = B * n * ROW
-            nbytes = key_bytes + B * H * 128 * 2 + B * H * 2 + B * topk * 4 * 2
-            flops = 2 * H * 128 * n * B
+            nbytes = key_bytes + B * heads * 128 * 2 + B * heads * 2 + B * topk * 4 * 2
+            flops = 2 * heads * 128 * n * B
             pos = torch.full((B,), 4 * n - 1, dtype=torch.int64, device=ctx.device)
             seq = torch.arange(B, dtype=torch.int32, device=ctx.device)
 
             def factory():
                 cache, bt = _cache(ctx, B, n, gen)
-                q, w = _queries(ctx, B, gen)
+                q, w = _queries(ctx, B, gen, heads)
                 return (q, w, cache, bt, seq, pos)
 
             try:
@@ -74,6 +90,9 @@ def _decode(ctx, gen, topk):
                     def fn(q, w, cache, bt, s, p, n=n):
                         lg = ops.indexer_logits(q, w, cache, bt, s, p, PAGE, n, backend="triton")
                         return torch.topk(lg, min(topk, n), dim=1)
+                elif be == "triton_bf16mma":
+                    def fn(q, w, cache, bt, s, p, n=n):
+                        return tri.indexer_topk(q, w, cache, bt, s, p, topk, PAGE, n, mma="bf16")
                 else:
                     def fn(q, w, cache, bt, s, p, n=n, be=be):
                         return ops.indexer_topk(q, w, cache, bt, s, p, topk, PAGE, n, backend=be)
@@ -106,6 +125,7 @@ def _prefill(ctx, gen, topk):
     for Q, C in cases:
         n = C // 4
         shape = {"phase": "prefill", "queries": Q, "context": C, "entries": n, "heads": H, "topk": topk}
+        shape.update(_plan(ctx, Q, H, n, topk))
         pos = torch.arange(C - Q, C, dtype=torch.int64, device=ctx.device)
         seq = torch.zeros(Q, dtype=torch.int32, device=ctx.device)
         visible = int(((pos + 1) // 4).clamp(max=n).sum())

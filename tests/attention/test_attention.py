@@ -322,19 +322,69 @@ def test_opcheck(gen, device):
 
 
 # ----------------------------------------------------------------------------- GPU only
+def _poisoned_run(fn, oshape, case_name):
+    out = poisoned(oshape, torch.bfloat16, "cuda")
+    lse = poisoned(oshape[:-1], torch.float32, "cuda")
+    fn(out, lse)
+    assert_all_written(out, f"{case_name} out")
+    assert_all_written(lse, f"{case_name} lse")
+    return out, lse
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind,H,topk,ctx,B", [
     ("csa", 64, 512, 8192, 4), ("csa", 128, 1024, 8192, 2), ("hca", 64, 0, 65536, 1), ("hca", 128, 0, 32768, 2),
     ("swa", 64, 0, 1000, 8),
-])
+], ids=["flash-csa", "pro-csa", "flash-hca64K", "pro-hca32K", "flash-swa"])
 def test_cuda_v4_shapes(kind, H, topk, ctx, B):
+    """Two query tokens per sequence at V4 shapes: auto splits, the direct path and forced splits."""
     g = make_generator(f"cuda-{kind}-{H}")
     case = make_case(g, kind, [ctx - 17 * b for b in range(B)], [2] * B, H, wps=64, cps=64, topk=max(topk, 1),
                      device="cuda", invalid_frac=0.05)
     ref = _ref_prefill({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
     for splits in (0, 1, 7):
-        out, lse = A.sparse_attn_prefill(**case, num_splits=splits, backend="triton")
+        out, lse = _poisoned_run(
+            lambda o, l: A.sparse_attn_prefill(**case, num_splits=splits, out=o, lse_out=l, backend="triton"),
+            tuple(case["q"].shape), f"{kind} H{H} splits{splits}")
         check_attn(out, lse, *ref, f"{kind} H{H} splits{splits}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,H,topk,ctx,B", [
+    ("csa", 64, 512, 2100, 1), ("csa", 64, 512, 2100, 64), ("csa", 128, 1024, 4200, 1), ("csa", 128, 1024, 4200, 16),
+    ("hca", 64, 0, 70000, 1), ("swa", 64, 0, 300, 64),
+], ids=["flash-csa-b1", "flash-csa-b64", "pro-csa-b1", "pro-csa-b16", "flash-hca70K-b1", "flash-swa-b64"])
+def test_cuda_decode_batch(kind, H, topk, ctx, B):
+    """Decode (s_q = 1) with the plan's split factor at the benchmark's batch sizes (batch 1: split-KV +
+    combine; batch 64: direct path), fused inverse RoPE, NaN-poisoned outputs."""
+    g = make_generator(f"cuda-decode-{kind}-{H}-{B}")
+    case = make_case(g, kind, [ctx - 3 * b for b in range(B)], [1] * B, H, wps=64, cps=64, topk=max(topk, 1),
+                     device="cuda", invalid_frac=0.02)
+    cos, sin = rope_table(ctx + 1, 160000.0)
+    case.update(rope_cos=cos.cuda(), rope_sin=sin.cuda())
+    d = decode_view(case, 1)
+    cap = case["compressed_block_table"].shape[1] * 64 if kind == "hca" else 0
+    plan = A.attention_plan(d["seq_lens"], H, s_q=1, csa_topk=topk, hca_capacity=cap)
+    out, lse = _poisoned_run(lambda o, l: A.sparse_attn_decode(**d, plan=plan, out=o, lse_out=l, backend="triton"),
+                             (B, 1, H, 512), f"decode {kind} H{H} B{B}")
+    ref = A.sparse_attn_decode(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()},
+                               backend="reference")
+    check_attn(out.flatten(0, 1), lse.flatten(0, 1), ref[0].flatten(0, 1), ref[1].flatten(0, 1),
+               f"decode {kind} H{H} B{B} splits{plan.num_splits[kind]}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,H,topk", [("csa", 64, 512), ("hca", 128, 0)], ids=["flash-csa", "pro-hca"])
+def test_cuda_prefill_chunk(kind, H, topk):
+    """A 384-token prefill chunk at the end of a 9000-token sequence (direct path, one program per token and
+    head block), next to a second sequence of 5 tokens from position 0 (keys fewer than one tile)."""
+    g = make_generator(f"cuda-prefill-{kind}-{H}")
+    case = make_case(g, kind, [9000, 5], [384, 5], H, wps=64, cps=64, topk=max(topk, 1), device="cuda",
+                     invalid_frac=0.02)
+    ref = _ref_prefill({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
+    out, lse = _poisoned_run(lambda o, l: A.sparse_attn_prefill(**case, out=o, lse_out=l, backend="triton"),
+                             tuple(case["q"].shape), f"prefill {kind} H{H}")
+    check_attn(out, lse, *ref, f"prefill {kind} H{H}")
 
 
 @pytest.mark.cuda
@@ -359,23 +409,33 @@ def test_cuda_graph_decode():
 
 # ----------------------------------------------------------------------------- kernel variants
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("impl,nch,bn,kind,splits", [
-    ("mqa", 4, 16, "csa", 1),     # the GPU's 2 output groups (Flash), direct path + fused inverse RoPE
-    ("mqa", 2, 16, "hca", 3),     # 4 output groups (Pro) + split-KV partials
-    pytest.param("mqa", 1, 16, "csa", 2, marks=pytest.mark.slow),  # 8 groups: rope chunk alone
-    ("legacy", 8, 32, "csa", 2),  # the head-block kernel stays available (V4K_ATTN_IMPL=legacy)
+@pytest.mark.parametrize("bn,kind,splits,H", [
+    (16, "csa", 1, 20),   # direct path + fused inverse RoPE, tiles straddling window/compressed keys
+    (64, "hca", 3, 20),   # the GPU's tile size, split-KV partials
+    (32, "csa", 2, 80),   # two head blocks of 64 (Pro runs 2), the second one partly masked
 ])
-def test_kernel_variants_match_reference(backend, impl, nch, bn, kind, splits, gen, device, monkeypatch):
-    monkeypatch.setenv("V4K_ATTN_IMPL", impl)
-    monkeypatch.setenv("V4K_ATTN_NCH", str(nch))
+def test_kernel_tile_sizes_match_reference(backend, bn, kind, splits, H, gen, device, monkeypatch):
     monkeypatch.setenv("V4K_ATTN_BN", str(bn))
-    case = make_case(gen, kind, [260, 40], [2, 1], 20, wps=64, cps=3, device=device)
+    case = make_case(gen, kind, [260, 40], [2, 1], H, wps=64, cps=3, device=device)
     cos, sin = rope_table(300, 160000.0)
-    case.update(rope_cos=cos.to(device), rope_sin=sin.to(device))  # fused inverse RoPE: chunk 7's group
+    case.update(rope_cos=cos.to(device), rope_sin=sin.to(device))
     ref = _ref_prefill({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
     out = poisoned(tuple(case["q"].shape), torch.bfloat16, device)
     lse = poisoned(tuple(case["q"].shape[:2]), torch.float32, device)
     A.sparse_attn_prefill(**case, num_splits=splits, out=out, lse_out=lse, backend=backend)
     assert_all_written(out)
     assert_all_written(lse, "lse")
-    check_attn(out, lse, *ref, f"{impl} nch{nch} {kind} splits{splits}")
+    check_attn(out, lse, *ref, f"bn{bn} {kind} splits{splits}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_chunks_bound_the_row_workspace(backend, gen, device, monkeypatch):
+    """Launches cover at most ROWS_WORKSPACE_BYTES of key rows: 2 tokens per launch here, same result."""
+    from v4kernels.triton import attention as T
+
+    case = make_case(gen, "csa", [200, 90, 40], [2, 2, 1], 16, topk=16, device=device)
+    tkl = torch.tensor([3, 16, 0, 9, 16], dtype=torch.int32, device=device)
+    full = A.sparse_attn_prefill(**case, topk_lens=tkl, num_splits=2, backend=backend)
+    monkeypatch.setattr(T, "ROWS_WORKSPACE_BYTES", (128 + 16) * 16 * 2)
+    chunked = A.sparse_attn_prefill(**case, topk_lens=tkl, num_splits=2, backend=backend)
+    assert torch.equal(full[0], chunked[0]) and torch.equal(full[1], chunked[1])

@@ -60,15 +60,21 @@ def test_entries_padding_and_trim(gen):
     assert (out[3] == 0).all()
 
 
-def test_empty_batch_and_no_entries(gen):
+def _to(a, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+
+
+def test_empty_batch_and_no_entries(gen, device):
     pb, a = _args(gen, lens=(2, 1), starts=(0, 5))
     before = a["cache"].clone()
     _call(a)  # no block completes: cache untouched, state updated
     assert torch.equal(a["cache"], before)
+    a = _to(a, device)   # the kernels run on the test device (CUDA tensors on a GPU machine)
     for be in ["reference"] + kernel_backends("compress_kv"):
-        skv, ssc = fresh_state(pb, 1)
-        ops.compress_kv(a["kv"][:0], a["score"][:0], cu_of([]), i32([]), skv, ssc, pb.ape, pb.w, pb.cos, pb.sin,
-                        a["cache"], a["block_table"][:0], PS, 4, "main", state_slots=i32([]), backend=be)
+        skv, ssc = fresh_state(pb, 1, device)
+        ops.compress_kv(a["kv"][:0], a["score"][:0], cu_of([], device), i32([], device), skv, ssc, a["ape"],
+                        a["norm_weight"], a["cos"], a["sin"], a["cache"], a["block_table"][:0], PS, 4, "main",
+                        state_slots=i32([], device), backend=be)
 
 
 def test_bad_dtypes_and_shapes(gen):
@@ -135,9 +141,10 @@ def test_bad_index_values(gen):
 
 
 @pytest.mark.parametrize("backend", kernel_backends("compress_kv"))
-def test_kernel_masks_bad_pages_without_checks(backend, gen, monkeypatch):
+def test_kernel_masks_bad_pages_without_checks(backend, gen, device, monkeypatch):
     """With the value checks off (as on a GPU), an out-of-range or missing page is skipped, never written."""
     pb, a = _args(gen, lens=(8, 4), starts=(0, 0))
+    a = _to(a, device)
     monkeypatch.setattr(ops, "_value_checks", lambda t: False)
     bt = a["block_table"].clone()
     bt[0, 0] = 1 << 20

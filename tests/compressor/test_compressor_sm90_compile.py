@@ -2,7 +2,8 @@
 
 The launchers have no interpreter-only branches, but the CPU tests launch them on tiny batches
 (B = 1 specializes as a constant, small page sizes). Here every launcher (``compress_kv``,
-``compress_kv_entries``, ``compress_kv_decode``; main ratio 4 / 128 and indexer ratio 4) is called at
+``compress_kv_entries``, ``compress_kv_decode``; main ratio 4 / 128 and indexer ratio 4; and
+``compress_kv_decode_pair``, the CSA layer's two compressors in one launch) is called at
 GPU-like shapes (8 sequences, 64-row pages) with the kernel launch intercepted: the recorded
 specializations (argument types, constexprs, num_warps) are then compiled with
 ``triton.compile(..., target=GPUTarget("cuda", 90, 32))`` down to a cubin in a fresh process without
@@ -58,6 +59,22 @@ def _gpu_like_launches(kind, ratio, gen):
                            kind)
 
 
+def _gpu_like_pair_launch(gen):
+    """The CSA layer's decode: main and indexer compressors in one launch."""
+    B = 8
+    pos = i32([3, 7, -1, 130, 11, 0, 255, 127])
+    slots = i32(list(range(B)))
+    comps = []
+    for kind in ("main", "indexer"):
+        pb = problem(kind, 4, gen)
+        kv, sc = tokens(pb, B, gen)
+        skv, ssc = C.new_state(B + 2, 4, kind)
+        bt = torch.arange(B * 4, dtype=torch.int32).view(B, 4)
+        cch = torch.zeros(B * 4, pb.fmt.page_bytes(PAGE), dtype=torch.uint8)
+        comps.append((kv, sc, skv, ssc, pb.ape, pb.w, cch, bt, PAGE, 4, kind))
+    tri.compress_kv_decode_pair(pos, slots, pb.cos, pb.sin, *comps)
+
+
 def _record_specs(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -74,6 +91,7 @@ def _record_specs(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     for kind, ratio in CONFIGS:
         _gpu_like_launches(kind, ratio, gen)
+    _gpu_like_pair_launch(gen)
     monkeypatch.undo()
     return list(specs.values())
 
@@ -81,10 +99,10 @@ def _record_specs(monkeypatch):
 @pytest.mark.skipif(not _can_record(), reason="needs the Triton interpreter (CPU run) and a CUDA compiler backend")
 def test_compressor_kernels_compile_for_sm90(monkeypatch):
     specs = _record_specs(monkeypatch)
-    names = {(s["name"], s["constexprs"].get("HD"), s["constexprs"].get("CW"), s["constexprs"].get("R"),
-              s["constexprs"].get("WRITE_CACHE")) for s in specs}
-    # 3 configs x (prefill cache, prefill functional, prefill state, decode)
-    assert len(names) == 12, sorted(names, key=str)
+    names = {(s["name"], s["constexprs"].get("HD"), s["constexprs"].get("R"), s["constexprs"].get("WRITE_CACHE"),
+              s["constexprs"].get("DECODE")) for s in specs}
+    # 3 configs x (prefill cache, prefill functional, decode) + the CSA decode pair kernel
+    assert len(names) == 10, sorted(names, key=str)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(specs, f)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -79,7 +79,10 @@ def _cases(full: bool):
     cases.append(("topk", dict(base, H=128, T=4, n=4096, topk=512)))
     cases.append(("topk", dict(H=16, T=3, n=12, page_size=1, fmt="idx_fp4", topk=13, wdt=torch.float32,
                                idt=torch.int64, kv=True)))
-    cases.append(("topk", dict(base, H=16, T=2, n=96, page_size=8, topk=8, block_n=16, chunk=16, group=2)))
+    cases.append(("topk", dict(base, H=16, T=2, n=96, page_size=8, topk=8, block_n=16, chunk=16)))
+    cases.append(("topk", dict(base, T=1, n=262144, topk=512)))               # 1M context, batch 1: short lists
+    cases.append(("topk", dict(base, T=128, n=262144, topk=512, kv=True)))    # batch 128: full lists, 168 regs
+    cases.append(("topk", dict(base, T=4096, n=8192, topk=512)))              # prefill, one chunk: final in-kernel
     if not full:
         return cases
     cases += [("prepare_q", dict(T=T, H=H)) for T, H in ((1, 64), (3, 16), (5, 128))]
@@ -99,9 +102,9 @@ def _cases(full: bool):
                                            wdt=torch.bfloat16, idt=torch.int64, kv=True)))
             cases.append(("logits", dict(H=16, T=3, n=ps * 12, page_size=ps, fmt=fmt, wdt=torch.float32,
                                          idt=torch.int64)))
-    for chunk, group in ((32, 4), (64, 8)):
-        cases.append(("topk", dict(base, H=16, T=2, n=96, page_size=8, topk=8, block_n=16, chunk=chunk,
-                                   group=group)))
+    for chunk, list_len in ((32, 16), (64, 32)):
+        cases.append(("topk", dict(base, H=16, T=2, n=96, page_size=8, topk=64, block_n=16, chunk=chunk,
+                                   list_len=list_len)))
     for H in (16, 32):
         cases.append(("topk", dict(base, H=H, T=4, n=4096, topk=512)))
         cases.append(("logits", dict(base, H=H, T=4, n=4096)))
@@ -138,9 +141,9 @@ def record(full: bool):
                     torch.empty((max_pages * max(1, T if T < 64 else 1), pb), dtype=torch.uint8, device=meta),
                     torch.empty((max(T, 1), max_pages), dtype=torch.int32, device=meta),
                     torch.empty(T, dtype=c["idt"], device=meta), torch.empty(T, dtype=c["idt"], device=meta))
-            kw = {k: c[k] for k in ("block_q", "block_n", "chunk", "group") if k in c}
+            kw = {k: c[k] for k in ("block_q", "block_n", "chunk", "list_len") if k in c}
             if kind == "logits":
-                tri.indexer_logits(*args, ps, n, c["fmt"], **{k: v for k, v in kw.items() if k != "group"})
+                tri.indexer_logits(*args, ps, n, c["fmt"], **{k: v for k, v in kw.items() if k != "list_len"})
             else:
                 kvbt = torch.empty((max(T, 1), max_pages), dtype=torch.int32, device=meta) if c.get("kv") else None
                 tri.indexer_topk(*args, c["topk"], ps, n, c["fmt"], kvbt, 64 if kvbt is not None else 0, **kw)

@@ -60,16 +60,20 @@ def make_case(
     n_entries: Optional[int] = None,
     positions: Optional[List[List[int]]] = None,
     spare_pages: int = 2,
+    device=None,
+    same_keys: bool = False,
 ):
     """``seq_lens[b]``: entries written for sequence b; ``tokens_per_seq[b]`` query tokens of b at the last
     positions that see exactly those entries (4*len - 4 + 3 .. backwards) unless ``positions`` is given.
     ``holes[b]``: logical pages of b left unallocated (-1 in the table). Unwritten bytes are 0xFF, so
-    an entry read from a wrong place gives NaN scores."""
+    an entry read from a wrong place gives NaN scores. ``device``: build the cache there (quantizing millions
+    of keys is slow on a CPU); ``same_keys``: every key of a sequence is the same vector (all scores tie)."""
     rf = formats.FORMATS[fmt]
+    dev = torch.device(device) if device is not None else torch.device("cpu")
     B = len(seq_lens)
     max_pages = max([-(-n // page_size) for n in seq_lens] + [1]) + 1
     num_pages = B * max_pages + spare_pages
-    cache = torch.full((num_pages, rf.page_bytes(page_size)), 0xFF, dtype=torch.uint8)
+    cache = torch.full((num_pages, rf.page_bytes(page_size)), 0xFF, dtype=torch.uint8, device=dev)
     perm = torch.randperm(num_pages, generator=gen)
     bt = torch.full((B, max_pages), -1, dtype=torch.int32)
     kv_bt = torch.full((B, max_pages), -1, dtype=torch.int32)
@@ -84,7 +88,9 @@ def make_case(
     for b, n in enumerate(seq_lens):
         if n == 0:
             continue
-        if exact:
+        if same_keys:
+            keys = e2m1_values(gen, 1, 128).expand(n, 128)
+        elif exact:
             keys = e2m1_values(gen, n, 128)
         else:
             keys = torch.randn(n, 128, generator=gen) * torch.exp2(torch.randint(-3, 4, (n, 1), generator=gen).float())
@@ -92,7 +98,7 @@ def make_case(
         rows = formats.positions_to_rows(bt, torch.full_like(t, b), t, page_size)
         ok = rows >= 0
         if bool(ok.any()):
-            formats.write_rows(cache, rf, page_size, rows[ok], keys[ok].bfloat16())
+            formats.write_rows(cache, rf, page_size, rows[ok].to(dev), keys[ok].to(dev).bfloat16())
     seq_ids, pos = [], []
     for b, (n, m) in enumerate(zip(seq_lens, tokens_per_seq)):
         if positions is not None:
@@ -110,5 +116,6 @@ def make_case(
         q = qref.fake_quant_fp4(torch.randn(T, heads, 128, generator=gen), 32)
         w = (torch.randn(T, heads, generator=gen) * 0.1).bfloat16()
     n_ent = bt.shape[1] * page_size if n_entries is None else n_entries
-    return Case(q, w, cache, bt, torch.tensor(seq_ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int64),
+    case = Case(q, w, cache, bt, torch.tensor(seq_ids, dtype=torch.int32), torch.tensor(pos, dtype=torch.int64),
                 page_size, n_ent, fmt, kv_bt, 8)
+    return case.to(dev) if device is not None else case

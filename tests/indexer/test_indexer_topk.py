@@ -65,11 +65,58 @@ def test_topk_identical_on_exact_scores(backend, fmt, page_size, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("chunk,group", [(16, 2), (32, 4), (64, 8)])
-def test_topk_merge_trees(backend, chunk, group, gen):
-    # many chunks per query and several merge levels (chunk 16, group 2: 6 chunks -> 3 -> 2 -> final)
-    case = make_case(gen, [90], [2], page_size=8, heads=16)
-    _check_topk(case, 8, backend, chunk=chunk, group=group, block_n=16)
+@pytest.mark.parametrize("chunk,list_len,topk", [(16, None, 8), (32, 16, 40), (64, 16, 100)],
+                         ids=["lists", "lists+rereads", "many-rereads"])
+def test_topk_chunk_lists(backend, chunk, list_len, topk, gen):
+    # several chunks per query, each keeping its top list_len (< topk: a chunk holding more winners is
+    # re-read from the score workspace); topk 100 of 200 keys saturates most lists
+    case = make_case(gen, [200, 90], [2, 1], page_size=8, heads=16)
+    _check_topk(case, topk, backend, chunk=chunk, list_len=list_len, block_n=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("list_len", [None, 16])
+def test_topk_all_scores_tie(backend, list_len, gen):
+    # every key identical: every score ties, the lowest entry ids win; the radix cut has to go through
+    # the index bits of the ordering key
+    case = make_case(gen, [150], [2], page_size=4, heads=16, same_keys=True)
+    want = _check_topk(case, 40, backend, chunk=32, list_len=list_len, block_n=16)
+    assert want[0][0].tolist() == list(range(40))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [None, 2048], ids=["lists", "one-chunk"])
+def test_topk_long_rows(backend, chunk, gen):
+    # top-k 300 of 1500: the selector rows (4 x 512 keys) are cut in blocks of 1024
+    case = make_case(gen, [1500], [1], page_size=16, heads=16)
+    _check_topk(case, 300, backend, chunk=chunk, block_n=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_prefill_block_of_two_queries(backend, gen):
+    # two query tokens per program (the prefill tiling), of two sequences within one block
+    case = make_case(gen, [40, 30], [3, 2], page_size=8, heads=16)
+    _check_topk(case, 13, backend, block_q=2, block_n=16)
+
+
+def test_plan_topk():
+    """Work split of the fused kernel at V4 shapes (132 SMs): enough programs, short lists at batch 1."""
+    from v4kernels.triton import indexer as tri
+
+    dev = torch.device("meta")
+    old = tri._interpret, tri._num_sms
+    tri._interpret, tri._num_sms = (lambda: False), (lambda d: 132)
+    try:
+        p = tri.plan_topk(1, 64, 262144, 512, dev)  # Flash decode at 1M context, batch 1
+        assert p["splits"] >= 132 and p["M"] < p["KP"] and p["ws"] and not p["final"]
+        p = tri.plan_topk(128, 64, 262144, 512, dev)  # batch 128: lists of the full top-k, no workspace
+        assert p["splits"] * p["n_qb"] >= 132 and p["M"] == 512 and not p["ws"]
+        p = tri.plan_topk(4096, 64, 8192, 512, dev)  # prefill: one chunk, the final indices in one kernel
+        assert p["final"] and p["BQ"] == 2 and p["splits"] == 1
+        p = tri.plan_topk(1, 128, 65536, 1024, dev)  # Pro
+        assert p["KP"] == 1024 and p["CAPF"] >= 2 * 1024 + p["CB"]
+    finally:
+        tri._interpret, tri._num_sms = old
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,6 +344,69 @@ def test_cuda_prefill_ragged():
     out = ops.indexer_topk(*case.args(1024), backend="triton")
     for o, w in zip(out, want):
         assert torch.equal(o.cpu(), w.cpu())
+
+
+# V4 shapes: the plan changes with them (short per-chunk lists + workspace re-reads at small batch,
+# full lists at large batch, the final indices in the scoring kernel for prefill), so each path runs
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,batch,heads,topk", [
+    (4096, 1, 64, 512),      # Flash decode, 16K context
+    (65536, 1, 64, 512),     # 256K context
+    (262144, 1, 64, 512),    # 1M context, batch 1: 264 chunks, lists of 32
+    (4096, 64, 64, 512),     # batch 64
+    (16384, 64, 64, 512),    # batch 64, 64K context
+    (65536, 2, 128, 1024),   # Pro: 128 heads, top-k 1024
+    (262144, 1, 128, 1024),  # Pro at 1M context
+], ids=lambda v: str(v))
+def test_cuda_decode_v4_shapes(n, batch, heads, topk):
+    g = make_generator(f"cuda-decode-{n}-{batch}-{heads}")
+    case = make_case(g, [n] * batch, [1] * batch, page_size=64, heads=heads, device="cuda")
+    want = ref.indexer_topk(*case.args(topk))
+    out = ops.indexer_topk(*case.args(topk), backend="triton")
+    for name, o, w in zip(("indices", "lengths", "kv_rows"), out, want):
+        assert torch.equal(o, w), f"{name} differ in {int((o != w).any(dim=-1).sum()) if o.dim() > 1 else -1} rows"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cuda_prefill_v4_shape(fmt):
+    # 512 query tokens at the end of a 32K context (8192 entries): 256 programs of two tokens
+    g = make_generator(f"cuda-prefill-{fmt}")
+    n, T = 8192, 512
+    pos = list(range(4 * n - T, 4 * n))
+    case = make_case(g, [n], [T], page_size=64, heads=64, fmt=fmt, positions=[pos], device="cuda")
+    want = ref.indexer_topk(*case.args(512))
+    out = ops.indexer_topk(*case.args(512), backend="triton")
+    for o, w in zip(out, want):
+        assert torch.equal(o, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,batch,T", [(262144, 1, 1), (16384, 32, 1), (8192, 1, 256)], ids=str)
+def test_cuda_random_fp4_inputs(n, batch, T):
+    """Real FP4 quantization (block scales differ): the FP8 MMA path (whose tensor-core accumulation keeps
+    fewer bits than fp32) must select the reference's set up to near-ties: every selected score >= the
+    reference's k-th score minus 1e-3 of the largest score, sorted up to the same tolerance."""
+    g = make_generator(f"cuda-random-{n}-{batch}-{T}")
+    pos = [list(range(4 * n - T, 4 * n))] * batch if T > 1 else None
+    case = make_case(g, [n] * batch, [T] * batch, page_size=64, heads=64, exact=False, positions=pos,
+                     device="cuda")
+    topk = 512
+    lg = ref.indexer_logits(*case.args())
+    want = ref.indexer_topk(*case.args(topk))
+    got = ops.indexer_topk(*case.args(topk), backend="triton")
+    assert torch.equal(got[1], want[1])
+    for i in range(got[0].shape[0]):
+        k = int(want[1][i])
+        s = lg[i]
+        kth = s[want[0][i, k - 1].long()]
+        sel = got[0][i, :k].long()
+        assert sel.unique().numel() == k
+        scale = s[torch.isfinite(s)].abs().max()
+        assert float((kth - s[sel]).max()) <= 1e-3 * float(scale), i
+        assert bool((got[0][i, k:] == -1).all())
+        # sorted by score, descending
+        assert bool((s[sel][1:] <= s[sel][:-1] + 1e-3 * scale).all())
 
 
 @pytest.mark.parametrize("backend", LOGIT_BACKENDS)

@@ -1,6 +1,6 @@
 """V4 attention over the paged FP8 caches (spec §5, §6.2): CSA, HCA and SWA-only layers.
 
-One shared 512-d K=V head (MQA), H query heads (any H >= 1; the Triton kernel tiles heads by 16/32
+One shared 512-d K=V head (MQA), H query heads (any H >= 1; the Triton kernel runs blocks of 64 heads
 and masks the rest), softmax scale 512^-0.5, a per-head sink logit in the denominator only. Each query
 token attends, in ONE softmax, its window (positions ``max(0, p-127) .. p``) and its compressed
 entries (CSA: top-k logical ids; HCA: all ``i < (p+1)//128``; SWA: none).
@@ -47,7 +47,9 @@ Conventions
   P.V and sums P in fp32 (spec §5.3); the float32 reference keeps P in fp32. Tests: FlashMLA-style
   per-element tolerance plus a global ``calc_diff`` bound.
 * **CUDA graphs**: with ``plan=`` (or none), decode runs without host syncs and with fixed shapes;
-  split-KV workspaces are allocated per call from the caching allocator.
+  the key-row and split-KV workspaces are allocated per call from the caching allocator. The Triton
+  backend makes 2 launches per call (key rows, attention) plus the combine when it splits the keys,
+  and needs 16-byte aligned caches (any tensor from the allocator, or a whole-page slice of one).
 """
 from __future__ import annotations
 
@@ -237,10 +239,11 @@ def _tri_decode_into(q, wc, wbt, cc, cbt, idx, tkl, seq_lens, sink, kind, wps, c
                      num_splits, out, lse):
     B, s_q, H, D = q.shape
     ts, tp = _tokens_decode(seq_lens, s_q, plan_tokens)
-    tkl_t = tkl[ts.long()] if tkl is not None else None
+    # topk_lens is per sequence: the kernel indexes it by the token's sequence (no gather launch)
     tri.sparse_attention(
         q.view(B * s_q, H, D), ts, tp, wc, wbt, cc, cbt, idx.view(B * s_q, -1) if idx is not None else None,
-        tkl_t, sink, kind, wps, cps, ring, cos, sin, num_splits, out.view(B * s_q, H, D), lse.view(B * s_q, H),
+        tkl, sink, kind, wps, cps, ring, cos, sin, num_splits, out.view(B * s_q, H, D), lse.view(B * s_q, H),
+        topk_lens_per_seq=True,
     )
 
 

@@ -1,12 +1,18 @@
 """KV compressor ops (spec §3, §4, §2): softmax-gated pooling of r-token blocks fused with RMSNorm,
 RoPE, FP8 / Hadamard+FP4 quantization and the paged-cache write.
 
-Three ops (all update the per-sequence compressor state in place):
+Ops (all update the per-sequence compressor state in place):
 
-* ``compress_kv``          prefill / chunked prefill of a ragged batch, entries written to the paged cache;
-* ``compress_kv_decode``   one token per sequence, the whole batch in one launch;
-* ``compress_kv_entries``  functional prefill: returns the stored (fake-quantized) bf16 entries instead
-                           (tests, ``model_ref`` in reference mode).
+* ``compress_kv``              prefill / chunked prefill of a ragged batch, entries written to the paged cache;
+* ``compress_kv_decode``       one token per sequence, the whole batch in one launch;
+* ``compress_kv_decode_layer`` the decode step of all compressors of one layer (CSA: main + indexer) in one
+                               launch (``compress_kv_decode_pair`` underneath);
+* ``compress_kv_entries``      functional prefill: returns the stored (fake-quantized) bf16 entries instead
+                               (tests, ``model_ref`` in reference mode).
+
+No op synchronizes with the host on CUDA tensors and all can be captured in a CUDA graph. The ratio-128
+kernel keeps a small buffer of per-entry arrival counters that it resets itself (no memset launch); there
+is one buffer per (device, stream), so calls running concurrently on different streams never share one.
 
 State layout and semantics: see ``v4kernels.reference.compressor`` (module docstring). In short:
 ``state_kv`` / ``state_score`` fp32 ``[num_slots, c*r, c*hd]``, row ``state_slots[b]`` belongs to
@@ -23,7 +29,7 @@ or whose position is past the RoPE table, is not written). Shapes and dtypes are
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -178,6 +184,21 @@ def _check_decode(kv, score, positions, state_slots, state_kv, state_score, ape,
         _check_pages(block_table, cache.shape[0], page_size, emit, ids)
 
 
+def _check_decode_pair(positions, state_slots, cos, sin, kv_a, score_a, state_kv_a, state_score_a, ape_a,
+                       norm_weight_a, cache_a, block_table_a, page_size_a, ratio_a, kind_a, kv_b, score_b, state_kv_b,
+                       state_score_b, ape_b, norm_weight_b, cache_b, block_table_b, page_size_b, ratio_b, kind_b):
+    _check_decode(kv_a, score_a, positions, state_slots, state_kv_a, state_score_a, ape_a, norm_weight_a, cos, sin,
+                  cache_a, block_table_a, page_size_a, ratio_a, kind_a)
+    _check_decode(kv_b, score_b, positions, state_slots, state_kv_b, state_score_b, ape_b, norm_weight_b, cos, sin,
+                  cache_b, block_table_b, page_size_b, ratio_b, kind_b)
+    from torch._subclasses.fake_tensor import is_fake
+
+    for name, a, b in (("state_kv", state_kv_a, state_kv_b), ("state_score", state_score_a, state_score_b),
+                       ("cache", cache_a, cache_b)):
+        if a is b or (not is_fake(a) and not is_fake(b) and a.numel() and a.data_ptr() == b.data_ptr()):
+            raise ValueError(f"{name}_a, {name}_b: expected two different tensors (one per compressor), got the same")
+
+
 # ----------------------------------------------------------------------------- fakes
 def _fake_none(*args, **kwargs):
     return None
@@ -211,6 +232,34 @@ compress_kv_decode_op = define_op(
     reference=ref.compress_kv_decode,
     fake=_fake_none,
     triton=tri.compress_kv_decode,
+)
+
+
+def _ref_decode_pair(positions, state_slots, cos, sin, kv_a, score_a, state_kv_a, state_score_a, ape_a, norm_weight_a,
+                     cache_a, block_table_a, page_size_a, ratio_a, kind_a, kv_b, score_b, state_kv_b, state_score_b,
+                     ape_b, norm_weight_b, cache_b, block_table_b, page_size_b, ratio_b, kind_b):
+    ref.compress_kv_decode(kv_a, score_a, positions, state_slots, state_kv_a, state_score_a, ape_a, norm_weight_a, cos,
+                           sin, cache_a, block_table_a, page_size_a, ratio_a, kind_a)
+    ref.compress_kv_decode(kv_b, score_b, positions, state_slots, state_kv_b, state_score_b, ape_b, norm_weight_b, cos,
+                           sin, cache_b, block_table_b, page_size_b, ratio_b, kind_b)
+
+
+def _tri_decode_pair(positions, state_slots, cos, sin, *args):
+    tri.compress_kv_decode_pair(positions, state_slots, cos, sin, tuple(args[:11]), tuple(args[11:]))
+
+
+_COMP_ARGS = ("Tensor kv_{x}, Tensor score_{x}, Tensor({m}!) state_kv_{x}, Tensor({n}!) state_score_{x}, "
+              "Tensor ape_{x}, Tensor norm_weight_{x}, Tensor({o}!) cache_{x}, Tensor block_table_{x}, "
+              "int page_size_{x}, int ratio_{x}, str kind_{x}")
+
+compress_kv_decode_pair_op = define_op(
+    "compress_kv_decode_pair(Tensor positions, Tensor state_slots, Tensor cos, Tensor sin, "
+    + _COMP_ARGS.format(x="a", m="a", n="b", o="c") + ", " + _COMP_ARGS.format(x="b", m="d", n="e", o="f")
+    + ", *, str? backend=None) -> ()",
+    check=_check_decode_pair,
+    reference=_ref_decode_pair,
+    fake=_fake_none,
+    triton=_tri_decode_pair,
 )
 
 compress_kv_entries_op = define_op(
@@ -278,6 +327,44 @@ def compress_kv_decode(kv, score, positions, state_kv, state_score, ape, norm_we
     slots = _slots(state_slots, positions.shape[0], kv.device)
     compress_kv_decode_op(kv, score, positions, slots, state_kv, state_score, ape, norm_weight, cos, sin, cache,
                           block_table, page_size, ratio, kind, backend=backend)
+
+
+class DecodeCompressor(NamedTuple):
+    """One compressor's arguments for ``compress_kv_decode_layer`` (meanings as in ``compress_kv_decode``)."""
+
+    kv: torch.Tensor
+    score: torch.Tensor
+    state_kv: torch.Tensor
+    state_score: torch.Tensor
+    ape: torch.Tensor
+    norm_weight: torch.Tensor
+    cache: torch.Tensor
+    block_table: torch.Tensor
+    page_size: int
+    ratio: int
+    kind: str
+
+
+def compress_kv_decode_layer(positions, cos, sin, compressors: Sequence[DecodeCompressor], *,
+                             state_slots: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> None:
+    """Decode step of all compressors of one layer, sequences at the same ``positions`` (int32 [B]).
+
+    ``compressors``: one (HCA layer: main, ratio 128) or two (CSA layer: main and indexer, ratio 4)
+    ``DecodeCompressor`` tuples. Two ratio-4 compressors run in one launch (the CSA layer's step is one
+    kernel); the result is exactly that of ``compress_kv_decode`` called for each. ``state_slots``
+    (int32 [B], default ``arange(B)``) indexes both compressors' states; ``cos``/``sin`` are the
+    compressed-layer RoPE table both use.
+    """
+    comps = [DecodeCompressor(*c) for c in compressors]
+    if len(comps) not in (1, 2):
+        raise ValueError(f"compressors: expected 1 or 2 compressors of one layer, got {len(comps)}")
+    slots = _slots(state_slots, positions.shape[0], positions.device)
+    if len(comps) == 1:
+        c = comps[0]
+        compress_kv_decode_op(c.kv, c.score, positions, slots, c.state_kv, c.state_score, c.ape, c.norm_weight, cos,
+                              sin, c.cache, c.block_table, c.page_size, c.ratio, c.kind, backend=backend)
+        return
+    compress_kv_decode_pair_op(positions, slots, cos, sin, *comps[0], *comps[1], backend=backend)
 
 
 def compress_kv_entries(kv, score, cu_seqlens, start_pos, state_kv, state_score, ape, norm_weight, cos, sin,

@@ -13,6 +13,20 @@ the kernels mask such values instead: bad pages are invisible, a bad sequence id
 position sees no entry.
 
 Tie-breaking: equal scores -> the lower entry index first (every backend).
+
+Numerics of the Triton top-k on the GPU: Hopper has no FP4 MMA, so the fused kernel multiplies in FP8
+(twice the bf16 tensor rate, needed to keep up with 68-byte keys): each FP4 key is re-encoded as e4m3
+``e2m1 * 2^(6 - (m - e_b))`` (m = its largest block exponent, e_b the block's) and each query head is
+scaled by a power of two into e4m3; the powers of two are applied outside the relu in fp32. This is
+exact (every product, and the fp32 head sum) when (a) the query is FP4-exact, as
+:func:`indexer_prepare_q` makes it, and (b) a key's four block scales lie within 2^11 of each other
+(a block further below is flushed to zero; after the Hadamard rotation block scales differ by a few
+binades at most). What differs from the float32 reference is the accumulation of the 128 products by
+the FP8 tensor core, which keeps fewer mantissa bits than fp32 on Hopper (DeepSeek-V3 report): scores
+can differ in their low bits, so near-ties may order differently (the GPU tests allow 1e-3 of the
+score scale); inputs whose partial sums need few bits (the exact test cases) select identically.
+``V4K_INDEXER_MMA=bf16`` makes the kernel use exact bf16 products (half the MMA rate) instead. The
+logits op always uses the exact bf16 path.
 """
 from __future__ import annotations
 
@@ -221,9 +235,14 @@ def indexer_topk(q, weights, key_cache, block_table, seq_ids, positions, topk, p
                  fmt="idx_fp4", kv_block_table=None, kv_page_size=0, *, backend: Optional[str] = None):
     """Fused indexer scores + top-k over the paged key cache (decode and prefill).
 
-    Scores as :func:`indexer_logits` (fp32); the Triton kernel keeps them in registers and writes only
-    per-chunk candidates, then merges them. Selection: the ``topk`` visible entries with the highest
-    scores, sorted by score descending; equal scores -> lower entry index first.
+    Scores as :func:`indexer_logits` (fp32; the module doc says how the GPU kernel multiplies). The
+    Triton kernel splits each query's entries over programs (about two per SM), streams each tile's
+    scores through a threshold filter into a per-chunk selector and writes only the chunk's best keys
+    (all of a query's top-k when one program covers it, as in prefill); a second small kernel merges
+    the chunk lists. The scores themselves never reach memory, except at small decode batches, where
+    each chunk keeps only its best 32-64 candidates and the 4-byte scores stay in an L2-resident
+    workspace for the rare chunk holding more winners. Selection: the ``topk`` visible entries with the
+    highest scores, sorted by score descending; equal scores -> lower entry index first.
 
     Parameters
     ----------
