@@ -66,11 +66,16 @@ def capture_environment(device: Optional[torch.device] = None) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
-        # V4K_GIT_COMMIT: for copies of the tree without .git (e.g. the GPU machine)
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("V4K_GIT_COMMIT") or "unknown",
     }
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    env["git_dirty"] = None if status is None else bool(status)
+    # V4K_GIT_COMMIT names the commit a tree was exported from (`git archive`, e.g. the copy sent to
+    # the GPU machine): it wins over git, whose .git there may belong to an enclosing checkout.
+    pinned = os.environ.get("V4K_GIT_COMMIT")
+    if pinned:
+        env["git_commit"], env["git_dirty"] = pinned, False
+    else:
+        env["git_commit"] = _git("rev-parse", "HEAD") or "unknown"
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        env["git_dirty"] = None if status is None else bool(status)
     try:
         import triton
 

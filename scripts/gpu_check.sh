@@ -21,7 +21,7 @@
 #   GPU_CHECK_DEADLINE      seconds from start by which every step must be done (default 570: the
 #                           device runs a command for at most 600 s); 0 = no time limits
 #   GPU_CHECK_BENCH_RESERVE seconds kept for the bench when cutting the tests short (default 200)
-#   V4K_GIT_COMMIT          recorded as the commit when the tree has no .git
+#   V4K_GIT_COMMIT          recorded as the commit (overrides git; for `git archive` copies)
 #   PYTHON                  interpreter (default python3)
 #
 # Exit status: non-zero if the build or the tests failed (or timed out), decided only after the
