@@ -35,13 +35,16 @@ def offsets_from_counts(counts, pad=1):
     return torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)]).to(torch.int32)
 
 
-def assert_gemm_close(out, ref, name="out"):
+def assert_gemm_close(out, ref, name="out", swiglu=False):
     """Kernel vs reference GEMM output (both bf16 after an fp32 accumulation).
 
     The sums agree up to fp32 summation order, so an element may differ by one bf16 rounding step:
-    |out - ref| <= 2^-7 |ref| + 2^-8 * max|ref| (cancellation), and calc_diff < 1e-5."""
+    |out - ref| <= 2^-7 |ref| + 2^-8 * max|ref| (cancellation), and calc_diff < 1e-5.
+    swiglu: the output is bf16(silu(bf16(g)) * bf16(u) * w); g and u may each be one step off, so h
+    may be two (2^-6 |ref|; seen on the H100: 2 of 788k outputs at 2 steps, calc_diff 1.7e-7)."""
     ref_f = ref.float()
     amax = float(ref_f.abs().max()) if ref.numel() else 0.0
-    assert_close(out.float(), ref_f, atol=2.0 ** -8 * amax + 1e-30, rtol=2.0 ** -7, name=name)
+    rtol = 2.0 ** -6 if swiglu else 2.0 ** -7
+    assert_close(out.float(), ref_f, atol=2.0 ** -8 * amax + 1e-30, rtol=rtol, name=name)
     if ref.numel() and amax > 0:
         assert calc_diff(out.float(), ref_f) < 1e-5, f"{name}: calc_diff {calc_diff(out.float(), ref_f)}"
