@@ -81,15 +81,15 @@ def _fill_history(model, seq_id: int, n: int, gen) -> None:
     caches.reserve(seq_id, n)
     g = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
 
-    def write(cache, table, lo, hi, dim, fn):
+    def write(cache, table, lo, hi, dim, fn, ring=0):
         for a in range(lo, hi, 1 << 16):  # bounded temporaries at 1M context
             pos = torch.arange(a, min(hi, a + (1 << 16)), device=dev)
-            rows = F.positions_to_rows(table, torch.zeros_like(pos), pos, ps)
+            rows = F.positions_to_rows(table, torch.zeros_like(pos), pos % ring if ring else pos, ps)
             fn(cache.data, rows, torch.randn(pos.numel(), dim, device=dev, generator=g).to(torch.bfloat16), ps)
 
     for lid, lc in enumerate(caches.layers):
         bt = caches.block_tables(lid, [seq_id])
-        write(lc.window, bt["window"], max(0, n - 128), n, 512, fmt_ops.kv584_write)
+        write(lc.window, bt["window"], max(0, n - 128), n, 512, fmt_ops.kv584_write, caches.window_ring)
         if lc.compressed is not None:
             write(lc.compressed, bt["compressed"], 0, n // lc.ratio, 512, fmt_ops.kv584_write)
         if lc.indexer is not None:
@@ -399,8 +399,8 @@ def _memory_lines(cfg):
     from v4kernels.model_ref.cache import manager_bytes
 
     lines.append(f"  model_ref's CacheManager for one v4-flash sequence at 1M: "
-                 f"{manager_bytes(C.flash(), 1, 1 << 20) / 1e9:.2f} GB (its window cache keeps every position: "
-                 f"584 B x 1M x 44 layers; an engine keeps 128 rows, or a ring)")
+                 f"{manager_bytes(C.flash(), 1, 1 << 20) / 1e9:.2f} GB (window ring of 8320 rows per layer, "
+                 f"for prefill chunks of up to 8192 tokens; compressor states included)")
     note = ("memory per sequence at 1M context, whole model (cache.py, 584-B KV + 68-B FP4 indexer keys): "
             + ", ".join(parts) + f"; this {cfg.n_layers}-layer slice: {sequence_bytes(cfg, 1 << 20) / 1e9:.3f} GB")
     return lines, note

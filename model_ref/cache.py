@@ -2,8 +2,12 @@
 per-sequence compressor states, for every layer (including the MTP block).
 
 Conventions (those of the ops):
-* window cache: KV584 rows addressed by token position (``window_ring = 0`` of the attention op);
-  the raw KV of every position is written, and the attention reads the last 128.
+* window cache: a ring of ``window_ring`` KV584 rows per sequence (position t at logical slot
+  t % window_ring, the attention op's ``window_ring``), ``window_ring = 128 + max_batch_tokens - 1``
+  rounded up to whole pages: a batch (prefill chunk) of up to ``max_batch_tokens`` tokens never
+  overwrites a row that one of its queries still reads. When ``max_context`` fits in that ring,
+  the window is position-addressed (``window_ring = 0``). Per sequence and layer: 8320 rows (4.9 MB)
+  at the default 8192 instead of one row per position (612 MB at 1M tokens).
 * compressed cache (CSA/HCA layers): KV584 rows, entry ``i`` at logical position ``i``.
 * indexer cache (CSA layers): IDX_FP4 rows (68 B), entry ``i`` at logical position ``i``.
 * compressor state: fp32 ``[slots, c*r, c*hd]`` per compressor, one slot per sequence, reset to the
@@ -33,6 +37,7 @@ from .config import ModelConfig
 
 
 NUMERICS = ("reference", "dense")
+WINDOW = 128  # sliding-window keys per query (spec §5)
 # bytes per cached row of each layout of sequence_bytes: (KV row, indexer key row)
 LAYOUTS = {
     "v4": (F.KV584.row_bytes, F.IDX_FP4.row_bytes),       # 584-B KV + 68-B MXFP4 indexer keys (ours)
@@ -65,10 +70,14 @@ class CacheManager:
     """All caches of a model for up to ``max_seqs`` sequences of up to ``max_context`` tokens."""
 
     def __init__(self, cfg: ModelConfig, device, max_seqs: int, max_context: int, page_size: int = 64,
-                 numerics: str = "reference"):
+                 numerics: str = "reference", max_batch_tokens: int = 8192):
         if numerics not in NUMERICS:
             raise ValueError(f"numerics: expected one of {NUMERICS}, got {numerics!r}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
         self.numerics = numerics
+        self.max_batch_tokens = max_batch_tokens
+        self.window_ring = 0 if numerics == "dense" else window_ring(max_context, page_size, max_batch_tokens)
         self.cfg = cfg
         self.device = torch.device(device)
         self.page_size = page_size
@@ -86,7 +95,7 @@ class CacheManager:
             if dense:
                 lc.dense_window = bf16(max_seqs, max_context, F.KV_DIM)
             else:
-                lc.window = F.PagedCache(F.KV584, pages(max_context), page_size, self.device)
+                lc.window = F.PagedCache(F.KV584, pages(self.window_ring or max_context), page_size, self.device)
             if ratio > 0:
                 n_entries = max_context // ratio + 1
                 if dense:
@@ -142,7 +151,7 @@ class CacheManager:
         for lc in self.layers:
             if lc.window is None:  # dense caches: every position of every slot is allocated up front
                 continue
-            lc.window.reserve(seq_id, new_len)
+            lc.window.reserve(seq_id, min(new_len, self.window_ring) if self.window_ring else new_len)
             if lc.compressed is not None:
                 lc.compressed.reserve(seq_id, new_len // lc.ratio)
             if lc.indexer is not None:
@@ -169,15 +178,23 @@ class CacheManager:
         return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
 
 
+def window_ring(max_context: int, page_size: int, max_batch_tokens: int) -> int:
+    """Window ring rows per sequence (0 = position-addressed, when max_context fits in the ring)."""
+    ring = -(-(WINDOW + max_batch_tokens - 1) // page_size) * page_size
+    return 0 if max_context <= ring else ring
+
+
 def manager_bytes(cfg: ModelConfig, max_seqs: int, max_context: int, page_size: int = 64,
-                  numerics: str = "reference") -> int:
-    """Device bytes ``CacheManager(cfg, ..., max_seqs, max_context, page_size, numerics)`` allocates
-    (``allocated_bytes`` of the built manager), without allocating: to check that a size fits."""
+                  numerics: str = "reference", max_batch_tokens: int = 8192) -> int:
+    """Device bytes ``CacheManager(cfg, ..., max_seqs, max_context, page_size, numerics,
+    max_batch_tokens)`` allocates (``allocated_bytes`` of the built manager), without allocating:
+    to check that a size fits."""
     pages = lambda n_rows: max_seqs * (-(-n_rows // page_size)) + 1  # noqa: E731
     dense = numerics == "dense"
+    ring = 0 if dense else window_ring(max_context, page_size, max_batch_tokens)
     total = 0
     for ratio in cfg.compress_ratios:
-        rows = [(max_context, F.KV584, F.KV_DIM)]
+        rows = [(ring or max_context, F.KV584, F.KV_DIM)]
         if ratio > 0:
             rows.append((max_context // ratio + 1, F.KV584, F.KV_DIM))
             total += 2 * 4 * math.prod(comp_ref.state_shape(max_seqs, ratio, "main"))
@@ -196,8 +213,8 @@ def sequence_bytes(cfg: ModelConfig, context: int, layout: str = "v4") -> int:
     ``layout``: "v4" (584-B KV rows + 68-B MXFP4 indexer keys, what v4kernels stores), "v4_fp8_index"
     (132-B FP8 indexer keys, vLLM's default) or "bf16" (the reference's bf16 buffers); spec §6.4 gives
     Flash 3.69 / 4.04 / 7.22 GB and Pro 5.28 / 5.78 / 10.33 GB at 1,048,576 tokens.
-    (model_ref's own window cache is position-addressed and keeps pages for every position, 584 B per
-    token and layer: ``CacheManager.allocated_bytes`` counts what it really holds.)"""
+    (model_ref's own window cache is a ring of ``128 + max_batch_tokens - 1`` rows, page-rounded:
+    ``CacheManager.allocated_bytes`` counts what it really holds.)"""
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {tuple(LAYOUTS)}, got {layout!r}")
     kv_row, idx_row = LAYOUTS[layout]

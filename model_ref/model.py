@@ -119,7 +119,7 @@ def release_derived() -> None:
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: Weights, device="cpu", backend: Optional[str] = None,
                  max_seqs: int = 4, max_context: Optional[int] = None, page_size: int = 64,
-                 moe_mode: str = "w4a8", numerics: str = "reference"):
+                 moe_mode: str = "w4a8", numerics: str = "reference", max_batch_tokens: int = 8192):
         if numerics not in NUMERICS:
             raise ValueError(f"numerics: expected one of {NUMERICS}, got {numerics!r}")
         self.cfg = cfg
@@ -132,7 +132,7 @@ class Transformer:
         self.has_mtp = cfg.n_mtp_layers > 0 and any(k.startswith("mtp.0.") for k in self.w)
         max_context = max_context or min(cfg.max_seq_len, 4096)
         self.max_context = max_context
-        self.caches = CacheManager(cfg, self.device, max_seqs, max_context, page_size, numerics)
+        self.caches = CacheManager(cfg, self.device, max_seqs, max_context, page_size, numerics, max_batch_tokens)
         self.timer = Timer(self.device)
         # RoPE tables: SWA layers (theta 10000, no YaRN) and compressed layers (160000 + YaRN).
         self.rope = {}
@@ -195,15 +195,22 @@ class Transformer:
             raise ValueError(f"token_lists: expected {len(seq_ids)} lists, got {len(token_lists)}")
         starts, lens, toks = [], [], []
         for s, t in zip(seq_ids, token_lists):
-            start = self.caches.length(s)
             if len(t) == 0:
                 raise ValueError(f"token_lists: sequence {s} has no new tokens")
-            self.caches.reserve(s, start + len(t))
-            starts.append(start)
+            starts.append(self.caches.length(s))
             lens.append(len(t))
             toks.extend(int(v) for v in t)
+        # every check before the first reserve: a rejected batch leaves the caches as they were
+        if self.caches.window_ring and len(toks) > self.caches.max_batch_tokens:
+            raise ValueError(f"token_lists: expected at most max_batch_tokens = {self.caches.max_batch_tokens} "
+                             f"tokens in one batch (the window ring is sized for it), got {len(toks)}")
         if toks and (min(toks) < 0 or max(toks) >= self.cfg.vocab_size):
             raise ValueError(f"tokens: expected ids in [0, {self.cfg.vocab_size}), got [{min(toks)}, {max(toks)}]")
+        for s, st, n in zip(seq_ids, starts, lens):
+            if st + n > self.caches.max_context:
+                raise ValueError(f"sequence {s}: {st + n} tokens exceed max_context {self.caches.max_context}")
+        for s, st, n in zip(seq_ids, starts, lens):
+            self.caches.reserve(s, st + n)
         dev = self.device
         cu = [0]
         for n in lens:
@@ -251,7 +258,7 @@ class Transformer:
         ps = self.caches.page_size
         pos = batch.positions
         with self.timer("cache_write"):
-            wrows = _rows(bt["window"], batch.tok_seq, pos, ps)
+            wrows = _rows(bt["window"], batch.tok_seq, pos, ps, self.caches.window_ring)
             fmt_ops.kv584_write(lc.window.data, wrows, kv, ps, backend=be)
         indices = topk_lens = None
         xf = None
@@ -276,7 +283,7 @@ class Transformer:
                                lc.state_kv, lc.state_score, cos, sin)
         with self.timer("attention"):
             common = dict(
-                kind=kind, window_page_size=ps,
+                kind=kind, window_page_size=ps, window_ring=self.caches.window_ring,
                 compressed_cache=lc.compressed.data if lc.compressed is not None else None,
                 compressed_block_table=bt.get("compressed"), compressed_page_size=ps,
                 attn_sink=self.w[a + "attn_sink"].float(), rope_cos=cos, rope_sin=sin, plan=plan, backend=be,
@@ -471,8 +478,12 @@ def cfg_mtp_layer(cfg: ModelConfig) -> int:
     return cfg.n_layers
 
 
-def _rows(block_table: torch.Tensor, tok_seq: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
-    """Physical window rows of the batch's tokens (int64 [T]; every page was reserved)."""
+def _rows(block_table: torch.Tensor, tok_seq: torch.Tensor, positions: torch.Tensor, page_size: int,
+          ring: int = 0) -> torch.Tensor:
+    """Physical window rows of the batch's tokens (int64 [T]; every page was reserved); ``ring`` > 0:
+    position t at logical slot t % ring."""
     pos = positions.long()
+    if ring:
+        pos = pos % ring
     page = block_table.long()[tok_seq.long(), pos // page_size]
     return page * page_size + pos % page_size

@@ -33,6 +33,12 @@ def test_manager_bytes_predicts_the_allocation(numerics):
     cfg = C.tiny()
     got = CacheManager(cfg, "cpu", 3, 300, 16, numerics).allocated_bytes()
     assert manager_bytes(cfg, 3, 300, 16, numerics) == got
+    # a window ring (max_context beyond 128 + max_batch_tokens - 1) holds fewer window pages
+    ringed = CacheManager(cfg, "cpu", 3, 300, 16, numerics, max_batch_tokens=40)
+    assert manager_bytes(cfg, 3, 300, 16, numerics, max_batch_tokens=40) == ringed.allocated_bytes()
+    assert ringed.window_ring == (0 if numerics == "dense" else 176)  # 128 + 40 - 1 -> 11 pages of 16
+    if numerics == "reference":
+        assert ringed.allocated_bytes() < got
 
 
 def test_from_hf_config_official_keys(tmp_path):

@@ -89,6 +89,27 @@ def test_chunked_prefill_equals_one_shot(tiny):
     _close(torch.cat(parts), full, "chunked vs one-shot")
 
 
+def test_window_ring_equals_position_addressed_bitwise(tiny):
+    """A window ring (max_batch_tokens 40: 167 rows, 192 with 64-row pages) gives the same bytes as the
+    position-addressed window for the same batches, past two wraps of the ring (positions 0 .. 419)."""
+    toks = _prompt(420, 4)
+    outs = []
+    for mbt in (8192, 40):
+        cfg, w = tiny
+        m = Transformer(cfg, w, "cpu", backend="reference", max_seqs=1, max_context=448, max_batch_tokens=mbt)
+        assert m.caches.window_ring == (0 if mbt == 8192 else 192)
+        m.new_sequence(0)
+        got = [m.prefill([0], [toks[a:a + 40]], all_logits=True) for a in range(0, 400, 40)]
+        got += [m.decode([0], [t]) for t in toks[400:]]
+        outs.append(torch.cat(got))
+    assert torch.equal(outs[0], outs[1])
+    m.release(0)
+    m.new_sequence(0)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        m.prefill([0], [toks[:41]])
+    assert m.caches.length(0) == 0  # the rejected batch reserved nothing
+
+
 def test_mixed_batch_equals_each_sequence_alone(tiny):
     """A batch of 3 sequences of lengths 5, 131, 67 (each mod 4 differs) == each run alone."""
     prompts = [_prompt(n, 10 + n) for n in (5, 131, 67)]

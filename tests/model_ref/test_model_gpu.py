@@ -160,3 +160,20 @@ def test_dense_vs_reference_numerics(flash):
         outs[numerics] = m.prefill([0], [toks], all_logits=True)
         del m
     _check("dense vs reference numerics", outs["dense"], outs["reference"], 2e-2, 8e-3, 0.95, 0.6)
+
+
+def test_window_ring_equals_position_addressed_bitwise(flash):
+    """Kernel path: a window ring (max_batch_tokens 64: 192 rows) gives the bytes of the position-
+    addressed window for the same batches, past two wraps (chunks of 64 to 448, then 8 decodes)."""
+    cfg, w = flash
+    toks = _prompt(cfg, 456, 21)
+    outs = []
+    for mbt in (8192, 64):
+        m = Transformer(cfg, w, "cuda", max_seqs=1, max_context=512, max_batch_tokens=mbt)
+        assert m.caches.window_ring == (0 if mbt == 8192 else 192)
+        m.new_sequence(0)
+        got = [m.prefill([0], [toks[a:a + 64]], all_logits=True) for a in range(0, 448, 64)]
+        got += [m.decode([0], [t]) for t in toks[448:]]
+        outs.append(torch.cat(got))
+        del m
+    assert torch.equal(outs[0], outs[1])
