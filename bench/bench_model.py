@@ -485,7 +485,7 @@ def run(ctx):
                     note = f"{B / t:,.0f} tokens/s"
                     if C == contexts[-1] and not ref:
                         note += (f"; model_ref CacheManager holds {m.caches.allocated_bytes() / 1e9:.2f} GB for this "
-                                 f"slice (window pages for every position)")
+                                 f"slice (window ring of 8320 rows per layer)")
                     kw = dict(bytes=_decode_bytes(cfg, C, B), bound="hbm", target_note=anchor_note) if not ref else {}
                     rec("decode", label, shape, t, note=note, **kw)
                     ctx.log(f"[bench] model {label} decode C={C} B={B}: {t * 1e3:.2f} ms/step")
