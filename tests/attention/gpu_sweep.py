@@ -5,7 +5,8 @@ CFG = ``BN:STAGES[:WARPS]`` (V4K_ATTN_BN / _STAGES / _WARPS; default: the launch
 correctness check against the reference at Flash/Pro shapes (CSA, HCA, SWA; auto, 1 and 3 splits), then
 CUDA-graph timings (cold L2, rotating inputs, as bench/bench_attention.py) of the bench shapes; the split factor
 the plan picked is printed next to each time. Env: SWEEP_ONLY=name,substrings; SWEEP_CHECK=0 skips the check;
-V4K_ATTN_MIN_TILES sets the split policy's minimum tiles per split."""
+V4K_ATTN_MIN_TILES / V4K_ATTN_SPLIT_FILL set the split policy (minimum tiles per split / split while
+programs * FILL <= SMs)."""
 import os
 import sys
 import time
@@ -32,6 +33,9 @@ DEC = [  # name, kind, H, topk, ctx, B
     ("flash hca64K b64", "hca", 64, 0, 65536, 64),
     ("pro hca64K b64", "hca", 128, 0, 65536, 64),
     ("flash swa b64", "swa", 64, 0, 8192, 64),
+    ("flash csa b32", "csa", 64, 512, 32768, 32),
+    ("flash hca64K b32", "hca", 64, 0, 65536, 32),
+    ("flash swa b32", "swa", 64, 0, 8192, 32),
 ]
 PRE = [("flash csa pre4096", "csa", 64, 512, 32768, 4096), ("pro csa pre4096", "csa", 128, 1024, 32768, 4096),
        ("flash hca pre4096", "hca", 64, 0, 32768, 4096)]
