@@ -5,8 +5,7 @@ CFG = ``BN:STAGES[:WARPS]`` (V4K_ATTN_BN / _STAGES / _WARPS; default: the launch
 correctness check against the reference at Flash/Pro shapes (CSA, HCA, SWA; auto, 1 and 3 splits), then
 CUDA-graph timings (cold L2, rotating inputs, as bench/bench_attention.py) of the bench shapes; the split factor
 the plan picked is printed next to each time. Env: SWEEP_ONLY=name,substrings; SWEEP_CHECK=0 skips the check;
-V4K_ATTN_MIN_TILES / V4K_ATTN_SPLIT_FILL set the split policy (minimum tiles per split / split while
-programs * FILL <= SMs)."""
+V4K_ATTN_MIN_TILES sets the split policy's minimum tiles per split."""
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ DEC = [  # name, kind, H, topk, ctx, B
     ("flash hca64K b64", "hca", 64, 0, 65536, 64),
     ("pro hca64K b64", "hca", 128, 0, 65536, 64),
     ("flash swa b64", "swa", 64, 0, 8192, 64),
+    ("flash hca1M b64", "hca", 64, 0, 1048576, 64),
     ("flash csa b32", "csa", 64, 512, 32768, 32),
     ("flash hca64K b32", "hca", 64, 0, 65536, 32),
     ("flash swa b32", "swa", 64, 0, 8192, 32),

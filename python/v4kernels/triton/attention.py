@@ -340,20 +340,27 @@ def max_keys(kind: str, topk: int, compressed_capacity: int) -> int:
 def choose_num_splits(num_tokens: int, num_heads: int, kind: str, topk: int, compressed_capacity: int,
                       device: torch.device) -> int:
     """Split-KV factor from host ints only. Programs = tokens x head blocks x splits; one program holds an SM
-    (the accumulator takes the register file). Split only while the token x head-block programs fill at most a
-    quarter of the SMs, up to one wave. Each split writes a 128 KB fp32 partial per head block that the combine
-    reads back: short key lists (<= 16 tiles, CSA/SWA) split down to one tile of BN keys per split (latency),
-    long ones (HCA) keep >= 2 tiles per split (partial traffic). Why a quarter (it was half): on the H100, 64
-    Flash decode tokens (64 programs) took 68 us for SWA with 2 splits and 23 us without.
-    Env overrides: V4K_ATTN_MIN_TILES, V4K_ATTN_SPLIT_FILL (split while programs * FILL <= SMs; default 4)."""
+    (the accumulator takes the register file). No split once the token x head-block programs fill half of the
+    SMs; else split up to one wave, keeping at least ``min_tiles`` tiles of BN keys per split. Each split
+    writes a 128 KB fp32 partial per head block that the combine reads back, a cost that grows with the
+    program count, so ``min_tiles`` grows with it:
+      * programs <= SMs / 4: 1 tile for short key lists (<= 16 tiles: CSA/SWA; latency), 2 for long ones;
+      * SMs / 4 < programs <= SMs / 2: 16 tiles (only long HCA lists split).
+    Measured on the H100 (Flash, 64 decode tokens = 64 programs): SWA (2 tiles) 68 us split in 2 vs 23 us
+    whole; CSA (10 tiles) 100 vs 71 us; HCA 1M (130 tiles) 431 us split in 2 vs 735 us whole. At 1 token,
+    CSA 19 us in 10 one-tile splits vs 24 us in 5 two-tile splits. Env override: V4K_ATTN_MIN_TILES."""
     keys = max_keys(kind, topk, compressed_capacity)
     bh, bn = attn_config(num_heads, device)[:2]
     programs = max(1, num_tokens * triton.cdiv(max(num_heads, 1), bh))
     sms = _num_sms(device)
-    if int(os.environ.get("V4K_ATTN_SPLIT_FILL", "4")) * programs > sms:
+    if 2 * programs > sms:
         return 1
     want = max(1, sms // programs)
-    min_tiles = int(os.environ.get("V4K_ATTN_MIN_TILES", "1" if keys <= 16 * bn else "2"))
+    if 4 * programs > sms:
+        default_min = 16
+    else:
+        default_min = 1 if keys <= 16 * bn else 2
+    min_tiles = int(os.environ.get("V4K_ATTN_MIN_TILES", str(default_min)))
     cap = max(1, triton.cdiv(keys, min_tiles * bn))
     return int(max(1, min(want, cap, MAX_SPLITS)))
 
