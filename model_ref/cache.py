@@ -73,8 +73,8 @@ class CacheManager:
                  numerics: str = "reference", max_batch_tokens: int = 8192):
         if numerics not in NUMERICS:
             raise ValueError(f"numerics: expected one of {NUMERICS}, got {numerics!r}")
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens: expected >= 1, got {max_batch_tokens}")
+        if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens: expected an int >= 1, got {max_batch_tokens!r}")
         self.numerics = numerics
         self.max_batch_tokens = max_batch_tokens
         self.window_ring = 0 if numerics == "dense" else window_ring(max_context, page_size, max_batch_tokens)
@@ -144,10 +144,14 @@ class CacheManager:
     def length(self, seq_id: int) -> int:
         return self._lengths[seq_id]
 
-    def reserve(self, seq_id: int, new_len: int) -> None:
-        """Grow a sequence to ``new_len`` tokens: pages for its window rows and compressed entries."""
+    def check_length(self, seq_id: int, new_len: int) -> None:
+        """Raise ValueError if sequence ``seq_id`` cannot grow to ``new_len`` tokens."""
         if new_len > self.max_context:
             raise ValueError(f"sequence {seq_id}: {new_len} tokens exceed max_context {self.max_context}")
+
+    def reserve(self, seq_id: int, new_len: int) -> None:
+        """Grow a sequence to ``new_len`` tokens: pages for its window rows and compressed entries."""
+        self.check_length(seq_id, new_len)
         for lc in self.layers:
             if lc.window is None:  # dense caches: every position of every slot is allocated up front
                 continue

@@ -206,9 +206,10 @@ class Transformer:
                              f"tokens in one batch (the window ring is sized for it), got {len(toks)}")
         if toks and (min(toks) < 0 or max(toks) >= self.cfg.vocab_size):
             raise ValueError(f"tokens: expected ids in [0, {self.cfg.vocab_size}), got [{min(toks)}, {max(toks)}]")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"seq_ids: expected distinct sequences, got {list(seq_ids)}")
         for s, st, n in zip(seq_ids, starts, lens):
-            if st + n > self.caches.max_context:
-                raise ValueError(f"sequence {s}: {st + n} tokens exceed max_context {self.caches.max_context}")
+            self.caches.check_length(s, st + n)
         for s, st, n in zip(seq_ids, starts, lens):
             self.caches.reserve(s, st + n)
         dev = self.device

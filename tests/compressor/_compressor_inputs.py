@@ -87,3 +87,16 @@ def cu_of(lens, device="cpu"):
 def read_entries(cache_t, pb, page_size, bt, seq, pos):
     rows = formats.positions_to_rows(bt.cpu(), torch.as_tensor(seq).long(), torch.as_tensor(pos).long(), page_size)
     return formats.read_rows(cache_t.cpu(), pb.fmt, page_size, rows)
+
+
+def unwritten_bytes(cache_t, pb, page_size, bt, seqs, ids):
+    """Bool mask over ``cache_t`` (CPU) of the bytes outside entries ``ids`` of sequences ``seqs``:
+    each entry's data bytes and its scale bytes (after the page's data block) are excluded."""
+    mask = torch.ones(cache_t.shape, dtype=torch.bool)
+    fmt = pb.fmt
+    for b, i in zip(seqs, ids):
+        page, o = int(bt[b, i // page_size]), i % page_size
+        mask[page, o * fmt.data_bytes:(o + 1) * fmt.data_bytes] = False
+        s0 = page_size * fmt.data_bytes + o * fmt.scale_bytes
+        mask[page, s0:s0 + fmt.scale_bytes] = False
+    return mask

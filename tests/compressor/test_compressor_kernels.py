@@ -17,7 +17,7 @@ from v4kernels.testing import assert_bitwise_equal, calc_diff, kernel_backends, 
 from v4kernels.testing import test_device as _test_device
 
 from _compressor_inputs import (CONFIG_IDS, CONFIGS, block_table, cache, cu_of, i32, problem, random_state,
-                                read_entries, tokens)
+                                read_entries, tokens, unwritten_bytes)
 
 BACKENDS = kernel_backends("compress_kv")
 PS = 4
@@ -43,14 +43,8 @@ def _compare_cache(c_out, c_ref, pb, bt, seqs, ids, name="cache"):
         return
     # rows nobody writes stay identical (poison); written rows compared as decoded values
     _compare_entries(read_entries(c_out, pb, PS, bt, seqs, ids), read_entries(c_ref, pb, PS, bt, seqs, ids), pb, name)
-    mask = torch.ones_like(c_ref, dtype=torch.bool)
-    fmt = pb.fmt
-    for b, i in zip(seqs, ids):
-        page, o = int(bt[b, i // PS]), i % PS
-        mask[page, o * fmt.data_bytes:(o + 1) * fmt.data_bytes] = False
-        s0 = PS * fmt.data_bytes + o * fmt.scale_bytes
-        mask[page, s0:s0 + fmt.scale_bytes] = False
-    assert torch.equal(c_out.cpu()[mask.cpu()], c_ref.cpu()[mask.cpu()]), "bytes outside the written rows changed"
+    mask = unwritten_bytes(c_ref, pb, PS, bt, seqs, ids)
+    assert torch.equal(c_out.cpu()[mask], c_ref.cpu()[mask]), "bytes outside the written rows changed"
 
 
 def _batch_case(kind, ratio, gen, device):

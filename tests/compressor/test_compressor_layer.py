@@ -7,7 +7,8 @@ import torch
 from v4kernels.ops import compressor as ops
 from v4kernels.testing import assert_bitwise_equal, calc_diff, kernel_backends, make_generator, run_opcheck
 
-from _compressor_inputs import block_table, cache, cu_of, i32, problem, random_state, read_entries, tokens
+from _compressor_inputs import (block_table, cache, cu_of, i32, problem, random_state, read_entries, tokens,
+                               unwritten_bytes)
 
 BACKENDS = kernel_backends("compress_kv")
 PS = 4
@@ -67,14 +68,8 @@ def test_decode_layer_pair_equals_single_decodes(backend, gen, device):
         else:
             assert_bitwise_equal(e_out, e_ref, f"{pb.kind} entries")
         # no byte outside the written rows changed
-        mask = torch.ones_like(ref[2], dtype=torch.bool)
-        fmt = pb.fmt
-        for b, i in zip(seqs, ids):
-            page, o = int(bt[b, i // PS]), i % PS
-            mask[page, o * fmt.data_bytes:(o + 1) * fmt.data_bytes] = False
-            s0 = PS * fmt.data_bytes + o * fmt.scale_bytes
-            mask[page, s0:s0 + fmt.scale_bytes] = False
-        assert torch.equal(lay[2][mask], ref[2][mask])
+        mask = unwritten_bytes(ref[2], pb, PS, bt, seqs, ids)
+        assert torch.equal(lay[2].cpu()[mask], ref[2].cpu()[mask])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

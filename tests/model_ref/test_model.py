@@ -160,3 +160,9 @@ def test_bad_inputs(tiny):
         m.new_sequence(0)
     with pytest.raises(RuntimeError, match="slots"):
         m.new_sequence(1)
+    with pytest.raises(ValueError, match="seq_ids"):
+        m.prefill([0, 0], [[1], [2]])
+    assert m.caches.length(0) == 0  # rejected batches reserve nothing
+    cfg, w = tiny
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Transformer(cfg, w, "cpu", backend="reference", max_seqs=1, max_context=64, max_batch_tokens=0)
