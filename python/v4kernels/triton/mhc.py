@@ -70,8 +70,10 @@ def _num_sms(device: torch.device) -> int:
 @triton.jit
 def _mix_accumulate(x_ptr, fn_ptr, offs_t, tmask, K, k_lo, k_hi,
                     NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr):
-    """acc[t, n] = Σ_{k_lo <= k < k_hi} x[t, k] fn[n, k] (n < NMIX, padded to NP), ssq[t] = Σ x^2."""
+                    SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr = False):
+    """acc[t, n] = Σ_{k_lo <= k < k_hi} x[t, k] fn[n, k] (n < NMIX, padded to NP), ssq[t] = Σ x^2.
+
+    PRESPLIT: fn_ptr is ``split_fn(fn, NP)`` (bf16 [3, NP, K], the three parts, zero padding rows)."""
     cols = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float32)
     ssq = tl.zeros([BT], dtype=tl.float32)
@@ -82,9 +84,23 @@ def _mix_accumulate(x_ptr, fn_ptr, offs_t, tmask, K, k_lo, k_hi,
         xr = tl.load(x_ptr + row + kk[None, :], mask=tmask[:, None] & km[None, :], other=0.0)
         x = xr.to(tl.float32)
         ssq += tl.sum(x * x, axis=1)
-        # fn is [NMIX, K] row-major; the tile is its transpose [BK, NP] (padding columns are 0)
-        f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
-        if SPLIT3:
+        if PRESPLIT:
+            fp = fn_ptr + cols[None, :] * K + kk[:, None]
+            c0 = tl.load(fp, mask=km[:, None], other=0.0)
+            c1 = tl.load(fp + NP * K, mask=km[:, None], other=0.0)
+            c2 = tl.load(fp + 2 * NP * K, mask=km[:, None], other=0.0)
+            if DOT_BF16:
+                blk = tl.dot(xr, c0)
+                blk = tl.dot(xr, c1, blk)
+                blk = tl.dot(xr, c2, blk)
+                acc += blk
+            else:
+                acc = tl.dot(x, c0.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(x, c1.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(x, c2.to(tl.float32), acc, input_precision="ieee")
+        elif SPLIT3:
+            # fn is [NMIX, K] row-major; the tile is its transpose [BK, NP] (padding columns are 0)
+            f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
             # x is on the bf16 grid; fn = b0 + b1 + b2 exactly (truncations: b0 = the top 8 significand
             # bits of f, b1 = the top 8 of the exact remainder, b2 = the rest, <= 8 bits), so x * b_k is
             # exact in fp32. Each subtraction is exact (it clears leading bits).
@@ -105,6 +121,7 @@ def _mix_accumulate(x_ptr, fn_ptr, offs_t, tmask, K, k_lo, k_hi,
                 acc = tl.dot(x, b1, acc, input_precision="ieee")
                 acc = tl.dot(x, b2, acc, input_precision="ieee")
         else:
+            f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
             acc = tl.dot(x, f, acc, input_precision="ieee")
     return acc, ssq
 
@@ -243,7 +260,7 @@ def _mhc_stream_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr,
                        NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
                        S: tl.constexpr, S_P2: tl.constexpr, BTB: tl.constexpr, BDB: tl.constexpr,
                        JOIN: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr,
-                       SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr):
+                       SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr):
     """hc_pre / hc_head in one HBM pass over X (module docstring).
 
     cnt_ptr: int32 [n_blocks + 1] zeros: per block the number of slices stored, then the queue."""
@@ -257,7 +274,7 @@ def _mhc_stream_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr,
             k_lo = (i - b * S) * KS
             offs_t = b * BT + tl.arange(0, BT)
             acc, ssq = _mix_accumulate(x_ptr, fn_ptr, offs_t, offs_t < T, K, k_lo, tl.minimum(k_lo + KS, K),
-                                       NMIX, NP, BT, BK, SPLIT3, DOT_BF16)
+                                       NMIX, NP, BT, BK, SPLIT3, DOT_BF16, PRESPLIT)
             acc = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX (a zero pad of fn) carries Σx^2
             rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
             tl.store(part_ptr + rows[:, None] * NP + cols[None, :], acc, mask=cols[None, :] <= NMIX)
@@ -423,7 +440,22 @@ def _pre_config(T: int, D: int, device: torch.device, split=None, d_split=None):
     return BT, BK, BD, split, k_per, d_split, d_per, (8 if BT == 64 else 4)
 
 
-def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks=None):
+def split_fn(fn: torch.Tensor, np_: int) -> torch.Tensor:
+    """fn fp32 [n, K] -> bf16 [3, np_, K]: parts b0 + b1 + b2 == fn exactly (rows >= n zero)."""
+    n, k = fn.shape
+    m = torch.tensor(-65536, dtype=torch.int32, device=fn.device)  # 0xFFFF0000
+    b0 = (fn.contiguous().view(torch.int32) & m).view(torch.float32)
+    r1 = fn - b0
+    b1 = (r1.view(torch.int32) & m).view(torch.float32)
+    b2 = r1 - b1
+    out = torch.zeros((3, np_, k), dtype=torch.bfloat16, device=fn.device)
+    for i, b in enumerate((b0, b1, b2)):
+        out[i, :n] = b.to(torch.bfloat16)
+    return out
+
+
+def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks=None,
+                   fn_split=None):
     T, _, D = x.shape
     dev = x.device
     nmix = fn.shape[0]
@@ -435,17 +467,18 @@ def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, c
     cnt = torch.zeros((n_blocks + 1,), dtype=torch.int32, device=dev)
     split3 = x.dtype == torch.bfloat16
     interp = _interpret()
+    presplit = fn_split is not None and split3
     _mhc_stream_kernel[(n_a + n_b,)](
-        x, fn, base, scale, part, cnt, y, post, comb, pre,
+        x, fn_split if presplit else fn, base, scale, part, cnt, y, post, comb, pre,
         T, D, n_blocks, n_a, float(norm_eps), float(hc_eps), int(iters),
         NMIX=nmix, NP=NP, BT=BT, BK=BK, KS=KS, S=S, S_P2=triton.next_power_of_2(S), BTB=BTB, BDB=BDB,
         # the interpreter runs programs one after another: producers must not wait (no JOIN there)
         JOIN=not interp, HEAD=head, WRITE_PRE=return_pre, SPLIT3=split3, DOT_BF16=split3 and not interp,
-        num_warps=4, enable_fp_fusion=False)
+        PRESPLIT=presplit, num_warps=4, enable_fp_fusion=False)
 
 
 def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d_split=None, return_pre=False,
-                stream=None, ks=None):
+                stream=None, ks=None, fn_split=None):
     T, _, D = x.shape
     dev = x.device
     x = x.contiguous()
@@ -461,7 +494,7 @@ def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d
     if stream is None:
         stream = split is None and d_split is None and T >= _STREAM_MIN_T
     if stream:
-        _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks)
+        _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks, fn_split)
         return y, post, comb, pre
     BT, BK, BD, n_split, k_per, n_d, d_per, nw = _pre_config(T, D, dev, split, d_split)
     split3 = x.dtype == torch.bfloat16
@@ -485,14 +518,14 @@ def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d
 
 
 def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *, split=None, d_split=None,
-            stream=None, ks=None, return_pre=False):
+            stream=None, ks=None, return_pre=False, fn_split=None):
     """Triton hc_pre: (y bf16 [T, d], post fp32 [T, 4], comb fp32 [T, 4, 4]) (+ pre [T, 4] for tests).
 
     ``stream`` forces (True) or avoids (False) the one-pass streaming kernel, ``ks`` its K slice;
     ``split`` / ``d_split`` force the number of K splits / d ranges of the split-K path (tests).
     Default: streaming for T >= 512, else split-K by T."""
     y, post, comb, pre = _launch_pre(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters, False, split, d_split,
-                                     return_pre, stream, ks)
+                                     return_pre, stream, ks, fn_split)
     return (y, post, comb, pre) if return_pre else (y, post, comb)
 
 

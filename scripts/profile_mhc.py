@@ -1,0 +1,129 @@
+"""Where mhc_pre's streaming kernel loses bandwidth (GPU): variants timed side by side.
+
+    python scripts/profile_mhc.py [--out DIR] [--tokens 1024,8192,65536] [--widths 4096,7168]
+
+Per (d, T): the minimum bytes of mhc_pre (X read once, y written once) and, for each variant, the
+median time (triton.testing.do_bench, L2 flushed before each call) and the % of a measured device
+copy. Variants: the streaming kernel as shipped; with fn pre-split into bf16 parts outside the call
+(``split_fn``); other K slices and consumer tiles; the split-K path; and two partial workloads that
+bound what each role of the streaming kernel can reach alone: the producers' GEMV pass over X
+(``_mhc_mix_partial_kernel`` at one K split, no y) and a plain bf16 copy of X's bytes.
+With --out, the table also goes to DIR/profile_mhc.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from v4kernels.reference import mhc as ref  # noqa: E402
+from v4kernels.triton import mhc as tri  # noqa: E402
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # us
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="1024,8192,65536")
+    ap.add_argument("--widths", default="4096,7168")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--once", action="store_true",
+                    help="for a profiler (ncu -k regex:_mhc_stream): the shipped and the pre-split stream kernel once each")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    if args.once:
+        d, T = int(args.widths.split(",")[0]), int(args.tokens.split(",")[0])
+        x = torch.randn(T, 4, d, device=dev).to(torch.bfloat16)
+        fn = torch.randn(24, 4 * d, device=dev) * (2 / math.sqrt(4 * d))
+        base, scale = torch.randn(24, device=dev), torch.randn(3, device=dev)
+        fs = tri.split_fn(fn, 32)
+        tri.mhc_pre(x, fn, base, scale, stream=True)
+        tri.mhc_pre(x, fn, base, scale, stream=True, fn_split=fs)
+        torch.cuda.synchronize()
+        return 0
+    lines = []
+
+    def say(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    buf = torch.empty(1 << 28, dtype=torch.uint8, device=dev)
+    t_copy = _bench(lambda: buf[: 1 << 27].copy_(buf[1 << 27:]))
+    hbm = 2 * (1 << 27) / t_copy / 1e3  # GB/s
+    del buf
+    say(f"{torch.cuda.get_device_name(dev)}: device copy {hbm:,.0f} GB/s (read + write)")
+    orig_cfg = tri._stream_config
+    for d in (int(v) for v in args.widths.split(",")):
+        for T in (int(v) for v in args.tokens.split(",")):
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(T, 4, d, device=dev, generator=g).to(torch.bfloat16)
+            fn = torch.randn(24, 4 * d, device=dev, generator=g) * (2 / math.sqrt(4 * d))
+            base = torch.randn(24, device=dev, generator=g)
+            scale = torch.randn(3, device=dev, generator=g)
+            fs = tri.split_fn(fn, 32)
+            nbytes = 10 * T * d + 24 * 4 * d * 4 + 80 * T
+            want = ref.mhc_pre(x[:64], fn, base, scale)
+            say(f"\nd={d} T={T}: minimum bytes {nbytes / 1e6:.1f} MB, {nbytes / hbm / 1e3:.1f} us at the copy rate")
+
+            def row(name, f, check=True):
+                try:
+                    if check:
+                        got = f()
+                        ok = (got[1][:64] - want[1]).abs().max().item() <= 1e-5 and \
+                             (got[2][:64] - want[2]).abs().max().item() <= 1e-5
+                    t = _bench(f)
+                    say(f"  {name:<44s} {t:9.1f} us  {nbytes / t / 1e3:8,.0f} GB/s  {100 * nbytes / t / 1e3 / hbm:5.1f}%"
+                        + ("" if not check or ok else "  MISMATCH"))
+                except Exception as exc:  # noqa: BLE001
+                    say(f"  {name:<44s} failed: {type(exc).__name__}: {str(exc)[:160]}")
+
+            row("stream (shipped)", lambda: tri.mhc_pre(x, fn, base, scale, stream=True))
+            row("stream, fn pre-split", lambda: tri.mhc_pre(x, fn, base, scale, stream=True, fn_split=fs))
+            for ks in (512, 2048):
+                row(f"stream, fn pre-split, KS={ks}",
+                    lambda: tri.mhc_pre(x, fn, base, scale, stream=True, ks=ks, fn_split=fs))
+            for btb, bdb in ((4, 1024), (8, 512), (1, 4096 if d <= 4096 else 2048)):
+                def cfg(T_, D_, dev_, ks_=None, btb=btb, bdb=bdb):
+                    c = list(orig_cfg(T_, D_, dev_, ks_))
+                    c[4], c[5] = btb, bdb
+                    return tuple(c)
+                tri._stream_config = cfg
+                row(f"stream, fn pre-split, BTB={btb} BDB={bdb}",
+                    lambda: tri.mhc_pre(x, fn, base, scale, stream=True, fn_split=fs))
+                tri._stream_config = orig_cfg
+            row("split-K path", lambda: tri.mhc_pre(x, fn, base, scale, stream=False))
+            # producers alone: the GEMV pass over X at one K split (BT = 64), no y
+            K = 4 * d
+            pacc = torch.empty((1, T, 32), dtype=torch.float32, device=dev)
+            pssq = torch.empty((1, T), dtype=torch.float32, device=dev)
+            gemv_bytes = 8 * T * d
+
+            def gemv():
+                tri._mhc_mix_partial_kernel[(triton.cdiv(T, 64), 1)](
+                    x, fn, pacc, pssq, T, K, K, NMIX=24, NP=32, BT=64, BK=128, SPLIT3=True, DOT_BF16=True,
+                    num_warps=8, enable_fp_fusion=False)
+            t = _bench(gemv)
+            say(f"  {'GEMV pass only (X read once, no y)':<44s} {t:9.1f} us  {gemv_bytes / t / 1e3:8,.0f} GB/s  "
+                f"{100 * gemv_bytes / t / 1e3 / hbm:5.1f}% (of its own bytes)")
+            xf = x.view(-1)
+            yb = torch.empty(T * d, dtype=torch.bfloat16, device=dev)
+            t = _bench(lambda: torch.add(xf[: T * d], xf[T * d: 2 * T * d], out=yb))
+            say(f"  {'torch.add of 2 streams (reference copy)':<44s} {t:9.1f} us  {6 * T * d / t / 1e3:8,.0f} GB/s")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "profile_mhc.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
