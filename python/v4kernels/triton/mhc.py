@@ -68,61 +68,81 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
+def _mix_step(x_ptr, fn_ptr, row, tmask, K, kk, km, acc, ssq,
+              NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
+              SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, SSQ_DOT: tl.constexpr):
+    """One K block kk (mask km) of _mix_accumulate: returns (acc, ssq) updated."""
+    cols = tl.arange(0, NP)
+    xr = tl.load(x_ptr + row + kk[None, :], mask=tmask[:, None] & km[None, :], other=0.0)
+    if DOT_BF16 and SSQ_DOT:
+        # Σ x^2 as the diagonal of x x^T on the tensor cores (exact products, a fresh accumulator
+        # per block): x then feeds only MMAs, so its load is pipelined (async copies into shared
+        # memory). Read into registers for x * x, the load was synchronous: one HBM latency per
+        # K step with one warpgroup per program (measured: 37-45% of HBM for this GEMV, H100).
+        sq = tl.dot(xr, tl.trans(xr))
+        ssq += tl.sum(tl.where(tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :], sq, 0.0), axis=1)
+    else:
+        x = xr.to(tl.float32)
+        ssq += tl.sum(x * x, axis=1)
+    if PRESPLIT:
+        fp = fn_ptr + cols[None, :] * K + kk[:, None]
+        c0 = tl.load(fp, mask=km[:, None], other=0.0)
+        c1 = tl.load(fp + NP * K, mask=km[:, None], other=0.0)
+        c2 = tl.load(fp + 2 * NP * K, mask=km[:, None], other=0.0)
+        if DOT_BF16:
+            blk = tl.dot(xr, c0)
+            blk = tl.dot(xr, c1, blk)
+            blk = tl.dot(xr, c2, blk)
+            acc += blk
+        else:
+            x = xr.to(tl.float32)
+            acc = tl.dot(x, c0.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x, c1.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x, c2.to(tl.float32), acc, input_precision="ieee")
+    elif SPLIT3:
+        # fn is [NMIX, K] row-major; the tile is its transpose [BK, NP] (padding columns are 0)
+        f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
+        # x is on the bf16 grid; fn = b0 + b1 + b2 exactly (truncations: b0 = the top 8 significand
+        # bits of f, b1 = the top 8 of the exact remainder, b2 = the rest, <= 8 bits), so x * b_k is
+        # exact in fp32. Each subtraction is exact (it clears leading bits).
+        b0 = (f.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        r1 = f - b0
+        b1 = (r1.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        b2 = r1 - b1
+        if DOT_BF16:
+            # A fresh accumulator per K block, added to acc by an IEEE fp32 add: Hopper's MMA
+            # aligns and truncates its fp32 sums, and chained over all of K (up to 1792 x 3 MMA
+            # steps at d = 7168) that biased error reached 4e-4 in the logits (H100, T = 4096).
+            blk = tl.dot(xr, b0.to(tl.bfloat16))
+            blk = tl.dot(xr, b1.to(tl.bfloat16), blk)
+            blk = tl.dot(xr, b2.to(tl.bfloat16), blk)
+            acc += blk
+        else:  # interpreter: bf16 dots are wrong there; the same exact products in fp32
+            x = xr.to(tl.float32)
+            acc = tl.dot(x, b0, acc, input_precision="ieee")
+            acc = tl.dot(x, b1, acc, input_precision="ieee")
+            acc = tl.dot(x, b2, acc, input_precision="ieee")
+    else:
+        f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
+        acc = tl.dot(xr.to(tl.float32), f, acc, input_precision="ieee")
+    return acc, ssq
+
+
+@triton.jit
 def _mix_accumulate(x_ptr, fn_ptr, offs_t, tmask, K, k_lo, k_hi,
                     NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr = False):
+                    SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr = False,
+                    SSQ_DOT: tl.constexpr = False):
     """acc[t, n] = Σ_{k_lo <= k < k_hi} x[t, k] fn[n, k] (n < NMIX, padded to NP), ssq[t] = Σ x^2.
 
     PRESPLIT: fn_ptr is ``split_fn(fn, NP)`` (bf16 [3, NP, K], the three parts, zero padding rows)."""
-    cols = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float32)
     ssq = tl.zeros([BT], dtype=tl.float32)
     row = offs_t.to(tl.int64)[:, None] * K
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
-        km = kk < k_hi
-        xr = tl.load(x_ptr + row + kk[None, :], mask=tmask[:, None] & km[None, :], other=0.0)
-        x = xr.to(tl.float32)
-        ssq += tl.sum(x * x, axis=1)
-        if PRESPLIT:
-            fp = fn_ptr + cols[None, :] * K + kk[:, None]
-            c0 = tl.load(fp, mask=km[:, None], other=0.0)
-            c1 = tl.load(fp + NP * K, mask=km[:, None], other=0.0)
-            c2 = tl.load(fp + 2 * NP * K, mask=km[:, None], other=0.0)
-            if DOT_BF16:
-                blk = tl.dot(xr, c0)
-                blk = tl.dot(xr, c1, blk)
-                blk = tl.dot(xr, c2, blk)
-                acc += blk
-            else:
-                acc = tl.dot(x, c0.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(x, c1.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(x, c2.to(tl.float32), acc, input_precision="ieee")
-        elif SPLIT3:
-            # fn is [NMIX, K] row-major; the tile is its transpose [BK, NP] (padding columns are 0)
-            f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
-            # x is on the bf16 grid; fn = b0 + b1 + b2 exactly (truncations: b0 = the top 8 significand
-            # bits of f, b1 = the top 8 of the exact remainder, b2 = the rest, <= 8 bits), so x * b_k is
-            # exact in fp32. Each subtraction is exact (it clears leading bits).
-            b0 = (f.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            r1 = f - b0
-            b1 = (r1.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-            b2 = r1 - b1
-            if DOT_BF16:
-                # A fresh accumulator per K block, added to acc by an IEEE fp32 add: Hopper's MMA
-                # aligns and truncates its fp32 sums, and chained over all of K (up to 1792 x 3 MMA
-                # steps at d = 7168) that biased error reached 4e-4 in the logits (H100, T = 4096).
-                blk = tl.dot(xr, b0.to(tl.bfloat16))
-                blk = tl.dot(xr, b1.to(tl.bfloat16), blk)
-                blk = tl.dot(xr, b2.to(tl.bfloat16), blk)
-                acc += blk
-            else:  # interpreter: bf16 dots are wrong there; the same exact products in fp32
-                acc = tl.dot(x, b0, acc, input_precision="ieee")
-                acc = tl.dot(x, b1, acc, input_precision="ieee")
-                acc = tl.dot(x, b2, acc, input_precision="ieee")
-        else:
-            f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
-            acc = tl.dot(x, f, acc, input_precision="ieee")
+        acc, ssq = _mix_step(x_ptr, fn_ptr, row, tmask, K, kk, kk < k_hi, acc, ssq, NMIX, NP, BT,
+                             SPLIT3, DOT_BF16, PRESPLIT, SSQ_DOT)
     return acc, ssq
 
 
@@ -194,7 +214,8 @@ def _y_chunk(x_ptr, y_ptr, xrow, yrow, dd, msk, D, p0, p1, p2, p3):
 def _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
                      T, D, n_blocks, norm_eps, hc_eps, iters,
                      NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, S: tl.constexpr, S_P2: tl.constexpr,
-                     BTB: tl.constexpr, BDB: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr):
+                     BTB: tl.constexpr, BDB: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr,
+                     DONE: tl.constexpr):
     """Consumer loop: BTB-token tiles from the queue cnt[n_blocks], in token order (module docstring)."""
     K = 4 * D
     cols = tl.arange(0, NP)
@@ -221,7 +242,7 @@ def _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_
         # wait for the S partials of token block b (acquire: the producers' stores are visible after it)
         b = (j * BTB) // BT
         c = tl.atomic_add(cnt_ptr + b, 0, sem="acquire", scope="gpu")
-        while c < S:
+        while c < DONE:
             c = tl.atomic_add(cnt_ptr + b, 0, sem="acquire", scope="gpu")
         prow = (b * S + sp).to(tl.int64)[:, None] * BT + (offs_t - b * BT)[None, :]
         pm = (sp < S)[:, None, None] & tmask[None, :, None] & (cols <= NMIX)[None, None, :]
@@ -260,7 +281,8 @@ def _mhc_stream_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr,
                        NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
                        S: tl.constexpr, S_P2: tl.constexpr, BTB: tl.constexpr, BDB: tl.constexpr,
                        JOIN: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr,
-                       SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr):
+                       SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
+                       SSQ_DOT: tl.constexpr, FLAT: tl.constexpr, NTH: tl.constexpr, DONE: tl.constexpr):
     """hc_pre / hc_head in one HBM pass over X (module docstring).
 
     cnt_ptr: int32 [n_blocks + 1] zeros: per block the number of slices stored, then the queue."""
@@ -269,24 +291,51 @@ def _mhc_stream_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr,
     if pid < n_a:
         # producer: tiles i = pid, pid + n_a, ...: block b = i // S, slice s = i % S (s fixed when S | n_a)
         cols = tl.arange(0, NP)
-        for i in range(pid, n_blocks * S, n_a):
-            b = i // S
-            k_lo = (i - b * S) * KS
-            offs_t = b * BT + tl.arange(0, BT)
-            acc, ssq = _mix_accumulate(x_ptr, fn_ptr, offs_t, offs_t < T, K, k_lo, tl.minimum(k_lo + KS, K),
-                                       NMIX, NP, BT, BK, SPLIT3, DOT_BF16, PRESPLIT)
-            acc = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX (a zero pad of fn) carries Σx^2
-            rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
-            tl.store(part_ptr + rows[:, None] * NP + cols[None, :], acc, mask=cols[None, :] <= NMIX)
-            tl.debug_barrier()  # every thread's partial stores happen before the release below
-            tl.atomic_add(cnt_ptr + b, 1, sem="release", scope="gpu")
+        if FLAT:
+            # one loop over (tile, K step), the tile's epilogue under an if: the software pipeline
+            # (async copies NUM_STAGES deep) runs across tiles instead of draining every KS / BK steps
+            steps: tl.constexpr = KS // BK
+            n_my = (n_blocks * S - pid + n_a - 1) // n_a
+            acc = tl.zeros([BT, NP], dtype=tl.float32)
+            ssq = tl.zeros([BT], dtype=tl.float32)
+            for it in range(0, n_my * steps):
+                ti = it // steps
+                kstep = it - ti * steps
+                i = pid + ti * n_a
+                b = i // S
+                offs_t = b * BT + tl.arange(0, BT)
+                kk = (i - b * S) * KS + kstep * BK + tl.arange(0, BK)
+                acc, ssq = _mix_step(x_ptr, fn_ptr, offs_t.to(tl.int64)[:, None] * K, offs_t < T, K, kk, kk < K,
+                                     acc, ssq, NMIX, NP, BT, SPLIT3, DOT_BF16, PRESPLIT, SSQ_DOT)
+                if kstep == steps - 1:
+                    out = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX carries Σx^2
+                    rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
+                    tl.store(part_ptr + rows[:, None] * NP + cols[None, :], out, mask=cols[None, :] <= NMIX)
+                    # every thread releases its own stores (one counter add per thread, NTH per tile): a
+                    # block barrier before a single release would stop the software pipeline here
+                    tl.atomic_add(cnt_ptr + b + tl.zeros([NTH], dtype=tl.int32), 1, sem="release", scope="gpu")
+                    acc = tl.zeros([BT, NP], dtype=tl.float32)
+                    ssq = tl.zeros([BT], dtype=tl.float32)
+        else:
+            for i in range(pid, n_blocks * S, n_a):
+                b = i // S
+                k_lo = (i - b * S) * KS
+                offs_t = b * BT + tl.arange(0, BT)
+                acc, ssq = _mix_accumulate(x_ptr, fn_ptr, offs_t, offs_t < T, K, k_lo, tl.minimum(k_lo + KS, K),
+                                           NMIX, NP, BT, BK, SPLIT3, DOT_BF16, PRESPLIT, SSQ_DOT)
+                acc = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX (a zero pad of fn) carries Σx^2
+                rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
+                tl.store(part_ptr + rows[:, None] * NP + cols[None, :], acc, mask=cols[None, :] <= NMIX)
+                tl.debug_barrier()  # every thread's partial stores happen before the release below
+                tl.atomic_add(cnt_ptr + b, 1, sem="release", scope="gpu")
         if JOIN:  # then help the consumers (the tail of the queue runs on every SM)
             _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
                              T, D, n_blocks, norm_eps, hc_eps, iters, NMIX, NP, BT, S, S_P2, BTB, BDB, HEAD,
-                             WRITE_PRE)
+                             WRITE_PRE, DONE)
     else:
         _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
-                         T, D, n_blocks, norm_eps, hc_eps, iters, NMIX, NP, BT, S, S_P2, BTB, BDB, HEAD, WRITE_PRE)
+                         T, D, n_blocks, norm_eps, hc_eps, iters, NMIX, NP, BT, S, S_P2, BTB, BDB, HEAD, WRITE_PRE,
+                         DONE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +503,9 @@ def split_fn(fn: torch.Tensor, np_: int) -> torch.Tensor:
     return out
 
 
+_STREAM_OPTS = dict(SSQ_DOT=False, FLAT=False, num_stages=3)  # experiment knobs (scripts/profile_mhc.py)
+
+
 def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks=None,
                    fn_split=None):
     T, _, D = x.shape
@@ -468,13 +520,16 @@ def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, c
     split3 = x.dtype == torch.bfloat16
     interp = _interpret()
     presplit = fn_split is not None and split3
+    flat = _STREAM_OPTS["FLAT"]
+    nth = 32 * 4  # threads per program (num_warps = 4): the FLAT producer's counter adds per tile
     _mhc_stream_kernel[(n_a + n_b,)](
         x, fn_split if presplit else fn, base, scale, part, cnt, y, post, comb, pre,
         T, D, n_blocks, n_a, float(norm_eps), float(hc_eps), int(iters),
         NMIX=nmix, NP=NP, BT=BT, BK=BK, KS=KS, S=S, S_P2=triton.next_power_of_2(S), BTB=BTB, BDB=BDB,
         # the interpreter runs programs one after another: producers must not wait (no JOIN there)
         JOIN=not interp, HEAD=head, WRITE_PRE=return_pre, SPLIT3=split3, DOT_BF16=split3 and not interp,
-        PRESPLIT=presplit, num_warps=4, enable_fp_fusion=False)
+        PRESPLIT=presplit, SSQ_DOT=_STREAM_OPTS["SSQ_DOT"], FLAT=flat, NTH=nth, DONE=S * nth if flat else S,
+        num_stages=_STREAM_OPTS["num_stages"], num_warps=4, enable_fp_fusion=False)
 
 
 def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d_split=None, return_pre=False,
