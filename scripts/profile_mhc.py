@@ -3,11 +3,11 @@
     python scripts/profile_mhc.py [--out DIR] [--tokens 1024,8192,65536] [--widths 4096,7168]
 
 Per (d, T): the minimum bytes of mhc_pre (X read once, y written once) and, for each variant, the
-median time (triton.testing.do_bench, L2 flushed before each call) and the % of a measured device
-copy. Variants: the streaming kernel as shipped; with fn pre-split into bf16 parts outside the call
-(``split_fn``); other K slices and consumer tiles; the split-K path; and two partial workloads that
-bound what each role of the streaming kernel can reach alone: the producers' GEMV pass over X
-(``_mhc_mix_partial_kernel`` at one K split, no y) and a plain bf16 copy of X's bytes.
+median time (triton.testing.do_bench, L2 flushed before each call; at T = 1024 the host launch
+time shows, bench/bench_mhc.py times CUDA-graph replays) and the % of a measured device copy.
+Variants: the streaming kernel as shipped, other K slices and consumer tiles, the split-K path, and
+a torch.add of two streams (what a plain elementwise kernel reaches on the same bytes). Each
+variant's post/comb are checked against the reference (first 64 tokens) and the shipped kernel.
 With --out, the table also goes to DIR/profile_mhc.txt.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--widths", default="4096,7168")
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true",
-                    help="for a profiler (ncu -k regex:_mhc_stream): the shipped and the pre-split stream kernel once each")
+                    help="for a profiler (ncu -k regex:_mhc_stream): the streaming kernel once")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.once:
@@ -45,9 +45,7 @@ def main() -> int:
         x = torch.randn(T, 4, d, device=dev).to(torch.bfloat16)
         fn = torch.randn(24, 4 * d, device=dev) * (2 / math.sqrt(4 * d))
         base, scale = torch.randn(24, device=dev), torch.randn(3, device=dev)
-        fs = tri.split_fn(fn, 32)
         tri.mhc_pre(x, fn, base, scale, stream=True)
-        tri.mhc_pre(x, fn, base, scale, stream=True, fn_split=fs)
         torch.cuda.synchronize()
         return 0
     lines = []
@@ -69,7 +67,6 @@ def main() -> int:
             fn = torch.randn(24, 4 * d, device=dev, generator=g) * (2 / math.sqrt(4 * d))
             base = torch.randn(24, device=dev, generator=g)
             scale = torch.randn(3, device=dev, generator=g)
-            fs = tri.split_fn(fn, 32)
             nbytes = 10 * T * d + 24 * 4 * d * 4 + 80 * T
             want = ref.mhc_pre(x[:64], fn, base, scale)
             say(f"\nd={d} T={T}: minimum bytes {nbytes / 1e6:.1f} MB, {nbytes / hbm / 1e3:.1f} us at the copy rate")
@@ -90,31 +87,22 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001
                     say(f"  {name:<44s} failed: {type(exc).__name__}: {str(exc)[:160]}")
 
-            K = 4 * d
-            variants = [  # (name, FLAT, BK, num_stages, presplit, SSQ_DOT, KS, BTB, BDB)
-                ("shipped: per-tile pipeline, BK 128, 3 stages", False, 128, 3, False, False, None, None, None),
-                ("FLAT BK128 st3", True, 128, 3, False, False, None, None, None),
-                ("FLAT BK128 st3 KS2048", True, 128, 3, False, False, 2048, None, None),
-                ("FLAT BK64 st4", True, 64, 4, False, False, None, None, None),
-                ("FLAT BK64 st4 presplit", True, 64, 4, True, False, None, None, None),
-                ("FLAT BK64 st3 presplit ssq-dot", True, 64, 3, True, True, None, None, None),
-                ("FLAT BK128 st2 presplit", True, 128, 2, True, False, None, None, None),
-                ("FLAT BK128 st3 BTB4", True, 128, 3, False, False, None, 4, 1024),
-                ("FLAT BK64 st4 presplit BTB4", True, 64, 4, True, False, None, 4, 1024),
+            variants = [  # (name, KS, BTB, BDB); None = the shipped choice
+                ("stream (shipped)", None, None, None),
+                ("stream, KS=512", 512, None, None),
+                ("stream, KS=2048", 2048, None, None),
+                ("stream, 2-token consumer tiles, BDB=2048", None, 2, 2048),
+                ("stream, 8-token consumer tiles, BDB=512", None, 8, 512),
             ]
-            for name, flat, bk, st, ps, sqd, ks, btb, bdb in variants:
-                def cfg(T_, D_, dev_, ks_=None, bk=bk, btb=btb, bdb=bdb):
+            for name, ks, btb, bdb in variants:
+                def cfg(T_, D_, dev_, ks_=None, btb=btb, bdb=bdb):
                     c = list(orig_cfg(T_, D_, dev_, ks_))
-                    c[1] = bk
                     if btb:
                         c[4], c[5] = btb, bdb
                     return tuple(c)
                 tri._stream_config = cfg
-                tri._STREAM_OPTS.update(FLAT=flat, num_stages=st, SSQ_DOT=sqd)
-                row(name, lambda ks=ks, ps=ps: tri.mhc_pre(x, fn, base, scale, stream=True, ks=ks,
-                                                           fn_split=fs if ps else None))
+                row(name, lambda ks=ks: tri.mhc_pre(x, fn, base, scale, stream=True, ks=ks))
                 tri._stream_config = orig_cfg
-                tri._STREAM_OPTS.update(FLAT=False, num_stages=3, SSQ_DOT=False)
             row("split-K path", lambda: tri.mhc_pre(x, fn, base, scale, stream=False))
             xf = x.view(-1)
             yb = torch.empty(T * d, dtype=torch.bfloat16, device=dev)

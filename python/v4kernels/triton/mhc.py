@@ -15,12 +15,17 @@ Kernels
     Consumers only wait on producers and producers never wait, so the queue cannot deadlock as long
     as producers are scheduled (lower pids launch first; the grid fits on the GPU at once: 2
     programs per SM). Sinkhorn of a tile runs while the next tile's loads are in flight.
-    Measured on an H100 (CUDA-graph replays, cold L2): 27-30% of the copy bandwidth at T = 1024,
-    35-38% at T = 8192 / 65536 (the split-K path: 17-21%). Not yet at the 85% target and not
-    profiled; the candidates are the producers' inner loop (3 dependent wgmma groups and ~730
-    instructions per warp per 16 KB K step, one warpgroup per program) and the consumers' serial
-    per-tile latencies (queue atomic, wait, partial load, 2-4 X chunks). A variant whose last
-    producer of a block also reduced it (finisher) was slower (13-17%).
+    Measured on an H100 (scripts/profile_mhc.py, do_bench, L2 flushed): 40-46% of the copy
+    bandwidth at T = 8192 / 65536 (the split-K path: 20-34%). Not at the 85% target. ncu (d = 4096,
+    T = 8192): issue-latency bound, not bandwidth bound: 8 warps per SM (255 registers), 0.4
+    eligible warps per scheduler, IPC 1.3, DRAM 50-57%. The producers' GEMV pass alone (the split-K
+    path's first kernel at one split) reaches only 37-45% of HBM, so the producers set the pace.
+    Tried on the H100 without gain (within +-5%): fn pre-split into bf16 parts outside the kernel
+    (no register split), Σx^2 by an MMA (x x^T diagonal) so that x feeds only MMAs, and a single
+    software pipeline across producer tiles (the per-tile pipeline drain is not the cost). A
+    variant whose last producer of a block also reduced it (finisher) was slower (13-17%). The way
+    to the target is a warp-specialized CUDA kernel (TMA loads, fn slice resident in shared
+    memory, more warps in flight), not more tuning of this one.
 ``_mhc_mix_partial_kernel`` + ``_mhc_pre_kernel`` (small T: decode, tests): split-K partials, then
     a program per (token block, d range) sums them in split order, computes the weights and y
     (second read of X; X is small here).
@@ -68,81 +73,44 @@ def _num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _mix_step(x_ptr, fn_ptr, row, tmask, K, kk, km, acc, ssq,
-              NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr,
-              SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, SSQ_DOT: tl.constexpr):
-    """One K block kk (mask km) of _mix_accumulate: returns (acc, ssq) updated."""
-    cols = tl.arange(0, NP)
-    xr = tl.load(x_ptr + row + kk[None, :], mask=tmask[:, None] & km[None, :], other=0.0)
-    if DOT_BF16 and SSQ_DOT:
-        # Σ x^2 as the diagonal of x x^T on the tensor cores (exact products, a fresh accumulator
-        # per block): x then feeds only MMAs, so its load is pipelined (async copies into shared
-        # memory). Read into registers for x * x, the load was synchronous: one HBM latency per
-        # K step with one warpgroup per program (measured: 37-45% of HBM for this GEMV, H100).
-        sq = tl.dot(xr, tl.trans(xr))
-        ssq += tl.sum(tl.where(tl.arange(0, BT)[:, None] == tl.arange(0, BT)[None, :], sq, 0.0), axis=1)
-    else:
-        x = xr.to(tl.float32)
-        ssq += tl.sum(x * x, axis=1)
-    if PRESPLIT:
-        fp = fn_ptr + cols[None, :] * K + kk[:, None]
-        c0 = tl.load(fp, mask=km[:, None], other=0.0)
-        c1 = tl.load(fp + NP * K, mask=km[:, None], other=0.0)
-        c2 = tl.load(fp + 2 * NP * K, mask=km[:, None], other=0.0)
-        if DOT_BF16:
-            blk = tl.dot(xr, c0)
-            blk = tl.dot(xr, c1, blk)
-            blk = tl.dot(xr, c2, blk)
-            acc += blk
-        else:
-            x = xr.to(tl.float32)
-            acc = tl.dot(x, c0.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(x, c1.to(tl.float32), acc, input_precision="ieee")
-            acc = tl.dot(x, c2.to(tl.float32), acc, input_precision="ieee")
-    elif SPLIT3:
-        # fn is [NMIX, K] row-major; the tile is its transpose [BK, NP] (padding columns are 0)
-        f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
-        # x is on the bf16 grid; fn = b0 + b1 + b2 exactly (truncations: b0 = the top 8 significand
-        # bits of f, b1 = the top 8 of the exact remainder, b2 = the rest, <= 8 bits), so x * b_k is
-        # exact in fp32. Each subtraction is exact (it clears leading bits).
-        b0 = (f.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        r1 = f - b0
-        b1 = (r1.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        b2 = r1 - b1
-        if DOT_BF16:
-            # A fresh accumulator per K block, added to acc by an IEEE fp32 add: Hopper's MMA
-            # aligns and truncates its fp32 sums, and chained over all of K (up to 1792 x 3 MMA
-            # steps at d = 7168) that biased error reached 4e-4 in the logits (H100, T = 4096).
-            blk = tl.dot(xr, b0.to(tl.bfloat16))
-            blk = tl.dot(xr, b1.to(tl.bfloat16), blk)
-            blk = tl.dot(xr, b2.to(tl.bfloat16), blk)
-            acc += blk
-        else:  # interpreter: bf16 dots are wrong there; the same exact products in fp32
-            x = xr.to(tl.float32)
-            acc = tl.dot(x, b0, acc, input_precision="ieee")
-            acc = tl.dot(x, b1, acc, input_precision="ieee")
-            acc = tl.dot(x, b2, acc, input_precision="ieee")
-    else:
-        f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
-        acc = tl.dot(xr.to(tl.float32), f, acc, input_precision="ieee")
-    return acc, ssq
-
-
-@triton.jit
 def _mix_accumulate(x_ptr, fn_ptr, offs_t, tmask, K, k_lo, k_hi,
                     NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                    SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr = False,
-                    SSQ_DOT: tl.constexpr = False):
-    """acc[t, n] = Σ_{k_lo <= k < k_hi} x[t, k] fn[n, k] (n < NMIX, padded to NP), ssq[t] = Σ x^2.
-
-    PRESPLIT: fn_ptr is ``split_fn(fn, NP)`` (bf16 [3, NP, K], the three parts, zero padding rows)."""
+                    SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr):
+    """acc[t, n] = Σ_{k_lo <= k < k_hi} x[t, k] fn[n, k] (n < NMIX, padded to NP), ssq[t] = Σ x^2."""
+    cols = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float32)
     ssq = tl.zeros([BT], dtype=tl.float32)
     row = offs_t.to(tl.int64)[:, None] * K
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
-        acc, ssq = _mix_step(x_ptr, fn_ptr, row, tmask, K, kk, kk < k_hi, acc, ssq, NMIX, NP, BT,
-                             SPLIT3, DOT_BF16, PRESPLIT, SSQ_DOT)
+        km = kk < k_hi
+        xr = tl.load(x_ptr + row + kk[None, :], mask=tmask[:, None] & km[None, :], other=0.0)
+        x = xr.to(tl.float32)
+        ssq += tl.sum(x * x, axis=1)
+        # fn is [NMIX, K] row-major; the tile is its transpose [BK, NP] (padding columns are 0)
+        f = tl.load(fn_ptr + cols[None, :] * K + kk[:, None], mask=(cols[None, :] < NMIX) & km[:, None], other=0.0)
+        if SPLIT3:
+            # x is on the bf16 grid; fn = b0 + b1 + b2 exactly (truncations: b0 = the top 8 significand
+            # bits of f, b1 = the top 8 of the exact remainder, b2 = the rest, <= 8 bits), so x * b_k is
+            # exact in fp32. Each subtraction is exact (it clears leading bits).
+            b0 = (f.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            r1 = f - b0
+            b1 = (r1.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            b2 = r1 - b1
+            if DOT_BF16:
+                # A fresh accumulator per K block, added to acc by an IEEE fp32 add: Hopper's MMA
+                # aligns and truncates its fp32 sums, and chained over all of K (up to 1792 x 3 MMA
+                # steps at d = 7168) that biased error reached 4e-4 in the logits (H100, T = 4096).
+                blk = tl.dot(xr, b0.to(tl.bfloat16))
+                blk = tl.dot(xr, b1.to(tl.bfloat16), blk)
+                blk = tl.dot(xr, b2.to(tl.bfloat16), blk)
+                acc += blk
+            else:  # interpreter: bf16 dots are wrong there; the same exact products in fp32
+                acc = tl.dot(x, b0, acc, input_precision="ieee")
+                acc = tl.dot(x, b1, acc, input_precision="ieee")
+                acc = tl.dot(x, b2, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, f, acc, input_precision="ieee")
     return acc, ssq
 
 
@@ -214,8 +182,7 @@ def _y_chunk(x_ptr, y_ptr, xrow, yrow, dd, msk, D, p0, p1, p2, p3):
 def _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
                      T, D, n_blocks, norm_eps, hc_eps, iters,
                      NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, S: tl.constexpr, S_P2: tl.constexpr,
-                     BTB: tl.constexpr, BDB: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr,
-                     DONE: tl.constexpr):
+                     BTB: tl.constexpr, BDB: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr):
     """Consumer loop: BTB-token tiles from the queue cnt[n_blocks], in token order (module docstring)."""
     K = 4 * D
     cols = tl.arange(0, NP)
@@ -242,7 +209,7 @@ def _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_
         # wait for the S partials of token block b (acquire: the producers' stores are visible after it)
         b = (j * BTB) // BT
         c = tl.atomic_add(cnt_ptr + b, 0, sem="acquire", scope="gpu")
-        while c < DONE:
+        while c < S:
             c = tl.atomic_add(cnt_ptr + b, 0, sem="acquire", scope="gpu")
         prow = (b * S + sp).to(tl.int64)[:, None] * BT + (offs_t - b * BT)[None, :]
         pm = (sp < S)[:, None, None] & tmask[None, :, None] & (cols <= NMIX)[None, None, :]
@@ -281,8 +248,7 @@ def _mhc_stream_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr,
                        NMIX: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KS: tl.constexpr,
                        S: tl.constexpr, S_P2: tl.constexpr, BTB: tl.constexpr, BDB: tl.constexpr,
                        JOIN: tl.constexpr, HEAD: tl.constexpr, WRITE_PRE: tl.constexpr,
-                       SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
-                       SSQ_DOT: tl.constexpr, FLAT: tl.constexpr, NTH: tl.constexpr, DONE: tl.constexpr):
+                       SPLIT3: tl.constexpr, DOT_BF16: tl.constexpr):
     """hc_pre / hc_head in one HBM pass over X (module docstring).
 
     cnt_ptr: int32 [n_blocks + 1] zeros: per block the number of slices stored, then the queue."""
@@ -291,51 +257,24 @@ def _mhc_stream_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr,
     if pid < n_a:
         # producer: tiles i = pid, pid + n_a, ...: block b = i // S, slice s = i % S (s fixed when S | n_a)
         cols = tl.arange(0, NP)
-        if FLAT:
-            # one loop over (tile, K step), the tile's epilogue under an if: the software pipeline
-            # (async copies NUM_STAGES deep) runs across tiles instead of draining every KS / BK steps
-            steps: tl.constexpr = KS // BK
-            n_my = (n_blocks * S - pid + n_a - 1) // n_a
-            acc = tl.zeros([BT, NP], dtype=tl.float32)
-            ssq = tl.zeros([BT], dtype=tl.float32)
-            for it in range(0, n_my * steps):
-                ti = it // steps
-                kstep = it - ti * steps
-                i = pid + ti * n_a
-                b = i // S
-                offs_t = b * BT + tl.arange(0, BT)
-                kk = (i - b * S) * KS + kstep * BK + tl.arange(0, BK)
-                acc, ssq = _mix_step(x_ptr, fn_ptr, offs_t.to(tl.int64)[:, None] * K, offs_t < T, K, kk, kk < K,
-                                     acc, ssq, NMIX, NP, BT, SPLIT3, DOT_BF16, PRESPLIT, SSQ_DOT)
-                if kstep == steps - 1:
-                    out = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX carries Σx^2
-                    rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
-                    tl.store(part_ptr + rows[:, None] * NP + cols[None, :], out, mask=cols[None, :] <= NMIX)
-                    # every thread releases its own stores (one counter add per thread, NTH per tile): a
-                    # block barrier before a single release would stop the software pipeline here
-                    tl.atomic_add(cnt_ptr + b + tl.zeros([NTH], dtype=tl.int32), 1, sem="release", scope="gpu")
-                    acc = tl.zeros([BT, NP], dtype=tl.float32)
-                    ssq = tl.zeros([BT], dtype=tl.float32)
-        else:
-            for i in range(pid, n_blocks * S, n_a):
-                b = i // S
-                k_lo = (i - b * S) * KS
-                offs_t = b * BT + tl.arange(0, BT)
-                acc, ssq = _mix_accumulate(x_ptr, fn_ptr, offs_t, offs_t < T, K, k_lo, tl.minimum(k_lo + KS, K),
-                                           NMIX, NP, BT, BK, SPLIT3, DOT_BF16, PRESPLIT, SSQ_DOT)
-                acc = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX (a zero pad of fn) carries Σx^2
-                rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
-                tl.store(part_ptr + rows[:, None] * NP + cols[None, :], acc, mask=cols[None, :] <= NMIX)
-                tl.debug_barrier()  # every thread's partial stores happen before the release below
-                tl.atomic_add(cnt_ptr + b, 1, sem="release", scope="gpu")
+        for i in range(pid, n_blocks * S, n_a):
+            b = i // S
+            k_lo = (i - b * S) * KS
+            offs_t = b * BT + tl.arange(0, BT)
+            acc, ssq = _mix_accumulate(x_ptr, fn_ptr, offs_t, offs_t < T, K, k_lo, tl.minimum(k_lo + KS, K),
+                                       NMIX, NP, BT, BK, SPLIT3, DOT_BF16)
+            acc = tl.where(cols[None, :] == NMIX, ssq[:, None], acc)  # column NMIX (a zero pad of fn) carries Σx^2
+            rows = (i * BT + tl.arange(0, BT)).to(tl.int64)
+            tl.store(part_ptr + rows[:, None] * NP + cols[None, :], acc, mask=cols[None, :] <= NMIX)
+            tl.debug_barrier()  # every thread's partial stores happen before the release below
+            tl.atomic_add(cnt_ptr + b, 1, sem="release", scope="gpu")
         if JOIN:  # then help the consumers (the tail of the queue runs on every SM)
             _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
                              T, D, n_blocks, norm_eps, hc_eps, iters, NMIX, NP, BT, S, S_P2, BTB, BDB, HEAD,
-                             WRITE_PRE, DONE)
+                             WRITE_PRE)
     else:
         _stream_consumer(x_ptr, base_ptr, scale_ptr, part_ptr, cnt_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr,
-                         T, D, n_blocks, norm_eps, hc_eps, iters, NMIX, NP, BT, S, S_P2, BTB, BDB, HEAD, WRITE_PRE,
-                         DONE)
+                         T, D, n_blocks, norm_eps, hc_eps, iters, NMIX, NP, BT, S, S_P2, BTB, BDB, HEAD, WRITE_PRE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,17 +380,18 @@ def _stream_config(T: int, D: int, device: torch.device, ks=None):
     (1.5 / 2.6 MB, split in registers) reused over 64 tokens, few partials (S = 16 / 28 per token,
     100 B each: 4% of X's bytes). n_a = the largest multiple of S that fits the SMs (each producer
     keeps one fn slice); one consumer per SM besides (the kernel fits 2 programs per SM: 254
-    registers x 128 threads, 72 KB of shared memory). On the H100, KS = 512 and BDB = 1024 were
-    not faster."""
+    registers x 128 threads, 72 KB of shared memory). Consumer tiles of BTB = 4 tokens (y in chunks
+    of BDB = 1024): per-tile costs (queue, wait, Sinkhorn on a few lanes) spread over 4 tokens; on
+    the H100 (scripts/profile_mhc.py, T >= 8192) 40-46% of the copy bandwidth against 37-40% with
+    2-token tiles. KS = 512 was slower, KS = 2048 +2-3% at large T but slower at T = 1024."""
     K = HC * D
     sms = _num_sms(device)
     if _interpret():
         BT, BK, BTB, BDB = 16, 32, 2, 32
         KS = ks or 64
     else:
-        BT, BK, BTB = 64, 128, 2
+        BT, BK, BTB, BDB = 64, 128, 4, 1024
         KS = ks or 1024
-        BDB = 2048 if D <= 4096 else 1024
     S = triton.cdiv(K, KS)
     n_blocks = triton.cdiv(T, BT)
     n_a = (sms // S) * S if S <= sms else sms
@@ -489,25 +429,7 @@ def _pre_config(T: int, D: int, device: torch.device, split=None, d_split=None):
     return BT, BK, BD, split, k_per, d_split, d_per, (8 if BT == 64 else 4)
 
 
-def split_fn(fn: torch.Tensor, np_: int) -> torch.Tensor:
-    """fn fp32 [n, K] -> bf16 [3, np_, K]: parts b0 + b1 + b2 == fn exactly (rows >= n zero)."""
-    n, k = fn.shape
-    m = torch.tensor(-65536, dtype=torch.int32, device=fn.device)  # 0xFFFF0000
-    b0 = (fn.contiguous().view(torch.int32) & m).view(torch.float32)
-    r1 = fn - b0
-    b1 = (r1.view(torch.int32) & m).view(torch.float32)
-    b2 = r1 - b1
-    out = torch.zeros((3, np_, k), dtype=torch.bfloat16, device=fn.device)
-    for i, b in enumerate((b0, b1, b2)):
-        out[i, :n] = b.to(torch.bfloat16)
-    return out
-
-
-_STREAM_OPTS = dict(SSQ_DOT=False, FLAT=False, num_stages=3)  # experiment knobs (scripts/profile_mhc.py)
-
-
-def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks=None,
-                   fn_split=None):
+def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks=None):
     T, _, D = x.shape
     dev = x.device
     nmix = fn.shape[0]
@@ -519,21 +441,17 @@ def _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, c
     cnt = torch.zeros((n_blocks + 1,), dtype=torch.int32, device=dev)
     split3 = x.dtype == torch.bfloat16
     interp = _interpret()
-    presplit = fn_split is not None and split3
-    flat = _STREAM_OPTS["FLAT"]
-    nth = 32 * 4  # threads per program (num_warps = 4): the FLAT producer's counter adds per tile
     _mhc_stream_kernel[(n_a + n_b,)](
-        x, fn_split if presplit else fn, base, scale, part, cnt, y, post, comb, pre,
+        x, fn, base, scale, part, cnt, y, post, comb, pre,
         T, D, n_blocks, n_a, float(norm_eps), float(hc_eps), int(iters),
         NMIX=nmix, NP=NP, BT=BT, BK=BK, KS=KS, S=S, S_P2=triton.next_power_of_2(S), BTB=BTB, BDB=BDB,
         # the interpreter runs programs one after another: producers must not wait (no JOIN there)
         JOIN=not interp, HEAD=head, WRITE_PRE=return_pre, SPLIT3=split3, DOT_BF16=split3 and not interp,
-        PRESPLIT=presplit, SSQ_DOT=_STREAM_OPTS["SSQ_DOT"], FLAT=flat, NTH=nth, DONE=S * nth if flat else S,
-        num_stages=_STREAM_OPTS["num_stages"], num_warps=4, enable_fp_fusion=False)
+        num_warps=4, enable_fp_fusion=False)
 
 
 def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d_split=None, return_pre=False,
-                stream=None, ks=None, fn_split=None):
+                stream=None, ks=None):
     T, _, D = x.shape
     dev = x.device
     x = x.contiguous()
@@ -549,7 +467,7 @@ def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d
     if stream is None:
         stream = split is None and d_split is None and T >= _STREAM_MIN_T
     if stream:
-        _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks, fn_split)
+        _launch_stream(x, fn, base, scale, norm_eps, hc_eps, iters, head, y, post, comb, pre, return_pre, ks)
         return y, post, comb, pre
     BT, BK, BD, n_split, k_per, n_d, d_per, nw = _pre_config(T, D, dev, split, d_split)
     split3 = x.dtype == torch.bfloat16
@@ -573,14 +491,14 @@ def _launch_pre(x, fn, base, scale, norm_eps, hc_eps, iters, head, split=None, d
 
 
 def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *, split=None, d_split=None,
-            stream=None, ks=None, return_pre=False, fn_split=None):
+            stream=None, ks=None, return_pre=False):
     """Triton hc_pre: (y bf16 [T, d], post fp32 [T, 4], comb fp32 [T, 4, 4]) (+ pre [T, 4] for tests).
 
     ``stream`` forces (True) or avoids (False) the one-pass streaming kernel, ``ks`` its K slice;
     ``split`` / ``d_split`` force the number of K splits / d ranges of the split-K path (tests).
     Default: streaming for T >= 512, else split-K by T."""
     y, post, comb, pre = _launch_pre(x, fn, base, scale, norm_eps, hc_eps, sinkhorn_iters, False, split, d_split,
-                                     return_pre, stream, ks, fn_split)
+                                     return_pre, stream, ks)
     return (y, post, comb, pre) if return_pre else (y, post, comb)
 
 
