@@ -19,6 +19,10 @@ void moe_mxfp4_decode_launch(const void* a, const void* a_scale, const void* w0,
                              const void* w1, const void* ws1, const int* offsets, const int* row_ids,
                              const float* row_weights, void* out, int64_t E, int64_t N, int64_t K, int64_t M,
                              int64_t Ma, int64_t mode, double limit, cudaStream_t stream);
+int64_t mhc_pre_slice(int64_t K);
+void mhc_pre_launch(const void* x, const void* fn, const void* base, const void* scale, void* part, void* cnt,
+                    void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps, double hc_eps,
+                    int64_t iters, int device, cudaStream_t stream);
 }
 
 namespace {
@@ -119,6 +123,35 @@ void moe_mxfp4_decode_swiglu(Tensor a, std::optional<Tensor> a_scale, Tensor w1,
                           swiglu_limit, out);
 }
 
+// ---- mHC hc_pre, one pass over the streams (csrc/mhc/mhc_pre.cu) ----
+// x bf16 [T, 4, d] (d % 16 == 0, 16-byte aligned), fn fp32 [24, 4d], base [24], scale [3]; workspace:
+// part fp32 [>= ceil(T/64) * S * 64 * 32] (S = ceil(4d / slice)), cnt int32 [ceil(T/64) + 1] zeroed.
+void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps, double hc_eps, int64_t iters,
+                 Tensor part, Tensor cnt, Tensor y, Tensor post, Tensor comb, Tensor pre) {
+  for (const Tensor* t : {&x, &fn, &base, &scale, &part, &cnt, &y, &post, &comb, &pre}) {
+    STD_TORCH_CHECK(t->is_cuda() && t->is_contiguous(), "mhc_pre_out: contiguous CUDA tensors expected");
+  }
+  STD_TORCH_CHECK(x.dim() == 3 && x.size(1) == 4 && x.element_size() == 2, "mhc_pre_out: x must be bf16 [T, 4, d]");
+  const int64_t T = x.size(0), d = x.size(2), K = 4 * d;
+  STD_TORCH_CHECK(d > 0 && d % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+                  "mhc_pre_out: d must be a positive multiple of 16 and x 16-byte aligned");
+  STD_TORCH_CHECK(fn.dim() == 2 && fn.size(0) == 24 && fn.size(1) == K && fn.element_size() == 4,
+                  "mhc_pre_out: fn must be fp32 [24, 4d]");
+  STD_TORCH_CHECK(base.numel() == 24 && scale.numel() == 3 && base.element_size() == 4 && scale.element_size() == 4,
+                  "mhc_pre_out: base fp32 [24] and scale fp32 [3] expected");
+  const int64_t ks = v4k::mhc_pre_slice(K), S = (K + ks - 1) / ks, nb = (T + 63) / 64;
+  STD_TORCH_CHECK(part.numel() >= nb * S * 64 * 32 && part.element_size() == 4, "mhc_pre_out: part too small");
+  STD_TORCH_CHECK(cnt.numel() >= nb + 1 && cnt.element_size() == 4, "mhc_pre_out: cnt must be int32 [ceil(T/64) + 1]");
+  STD_TORCH_CHECK(y.numel() == T * d && y.element_size() == 2 && post.numel() == T * 4 && comb.numel() == T * 16 &&
+                      pre.numel() == T * 4,
+                  "mhc_pre_out: outputs must be y bf16 [T, d], post / pre fp32 [T, 4], comb fp32 [T, 4, 4]");
+  const int device = x.get_device_index();
+  v4k::DeviceGuard guard(device);
+  v4k::mhc_pre_launch(x.data_ptr(), fn.data_ptr(), base.data_ptr(), scale.data_ptr(), part.data_ptr(), cnt.data_ptr(),
+                      y.data_ptr(), post.data_ptr(), comb.data_ptr(), pre.data_ptr(), T, d, norm_eps, hc_eps, iters,
+                      device, v4k::current_stream(device));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(v4kernels_C, m) {
@@ -128,12 +161,15 @@ STABLE_TORCH_LIBRARY(v4kernels_C, m) {
   m.def("moe_mxfp4_decode_swiglu(Tensor a, Tensor? a_scale, Tensor w1, Tensor w1_scale, Tensor w3, "
         "Tensor w3_scale, Tensor expert_offsets, Tensor? row_ids, Tensor? row_weights, int mode, "
         "float swiglu_limit, Tensor(a!) out) -> ()");
+  m.def("mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, float norm_eps, float hc_eps, int iters, "
+        "Tensor(a!) part, Tensor(b!) cnt, Tensor(c!) y, Tensor(d!) post, Tensor(e!) comb, Tensor(f!) pre) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {
   m.impl("act_quant_fp8_out", TORCH_BOX(&act_quant_fp8_out));
   m.impl("moe_mxfp4_decode_gemm", TORCH_BOX(&moe_mxfp4_decode_gemm));
   m.impl("moe_mxfp4_decode_swiglu", TORCH_BOX(&moe_mxfp4_decode_swiglu));
+  m.impl("mhc_pre_out", TORCH_BOX(&mhc_pre_out));
 }
 
 // Importing v4kernels._C runs the static registrations above; the module itself is empty.

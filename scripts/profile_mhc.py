@@ -5,7 +5,8 @@
 Per (d, T): the minimum bytes of mhc_pre (X read once, y written once) and, for each variant, the
 median time (triton.testing.do_bench, L2 flushed before each call; at T = 1024 the host launch
 time shows, bench/bench_mhc.py times CUDA-graph replays) and the % of a measured device copy.
-Variants: the streaming kernel as shipped, other K slices and consumer tiles, the split-K path, and
+Variants: the Triton streaming kernel as shipped, other K slices and consumer tiles, the split-K path,
+the CUDA kernel when v4kernels._C is built, and
 a torch.add of two streams (what a plain elementwise kernel reaches on the same bytes). Each
 variant's post/comb are checked against the reference (first 64 tokens) and the shipped kernel.
 With --out, the table also goes to DIR/profile_mhc.txt.
@@ -104,6 +105,13 @@ def main() -> int:
                 row(name, lambda ks=ks: tri.mhc_pre(x, fn, base, scale, stream=True, ks=ks))
                 tri._stream_config = orig_cfg
             row("split-K path", lambda: tri.mhc_pre(x, fn, base, scale, stream=False))
+            try:
+                from v4kernels.cuda import mhc as cu
+                from v4kernels.testing import kernel_backends
+                if "cuda" in kernel_backends("mhc_pre"):
+                    row("CUDA kernel (csrc/mhc/mhc_pre.cu)", lambda: cu.mhc_pre(x, fn, base, scale))
+            except ImportError:
+                pass
             xf = x.view(-1)
             yb = torch.empty(T * d, dtype=torch.bfloat16, device=dev)
             t = _bench(lambda: torch.add(xf[: T * d], xf[T * d: 2 * T * d], out=yb))

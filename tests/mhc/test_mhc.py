@@ -129,6 +129,8 @@ CASES = [  # (T, d, why)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("T,d", [c[:2] for c in CASES], ids=[c[2] for c in CASES])
 def test_mhc_pre_kernel_vs_reference(backend, dtype, T, d, gen, device):
+    if backend == "cuda" and dtype != torch.bfloat16:
+        pytest.skip("the CUDA hc_pre kernel takes bf16 streams (fp32 streams run the Triton kernel)")
     x = _streams(gen, T, d, dtype)
     fn, base, scale = _params(gen, d)
     want = ref.mhc_pre(x, fn, base, scale)
@@ -482,3 +484,38 @@ def test_cuda_graph_and_compile(T):
         f = torch.compile(lambda *a: ops.mhc_pre(*a, backend=backend), fullgraph=True)
         for a, b in zip(f(x, fn, base, scale), want):
             assert_bitwise_equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,d", [(1000, 4096), (700, 7168), (130, 64), (5, 48), (64, 16), (300, 1536)])
+def test_cuda_pre_kernel(T, d):
+    """The CUDA hc_pre kernel: every output written (NaN-poisoned buffers), y bitwise given its own pre,
+    the weights within the tolerance of their width, the same bytes on a repeated call and for a prefix
+    of the batch alone (K slices fixed by d), T not a multiple of the 64-token tile, K tails (d = 16, 48:
+    K below one slice; d = 1536: K = 6144, slices of 1024 with none partial)."""
+    if "cuda" not in BACKENDS:
+        pytest.skip("v4kernels._C (sm_90a) not available")
+    from v4kernels.cuda import mhc as cu
+    from v4kernels.testing import poisoned
+
+    g = make_generator(f"cuda-pre-{T}-{d}")
+    x = _streams(g, T, d, magnitude=3.0)
+    fn, base, scale = _params(g, d)
+    args = _to("cuda", x, fn, base, scale)
+    out = (poisoned((T, d), torch.bfloat16, "cuda"), poisoned((T, 4), torch.float32, "cuda"),
+           poisoned((T, 4, 4), torch.float32, "cuda"), poisoned((T, 4), torch.float32, "cuda"))
+    y, post, comb, pre = cu.mhc_pre(*args, return_pre=True, out=out)
+    for t, n in zip((y, post, comb, pre), ("y", "post", "comb", "pre")):
+        assert_all_written(t, n)
+    w_atol = W_V4 if d >= 1024 else W_ATOL
+    want = ref.mhc_pre(x, fn, base, scale)
+    _check_pre_outputs((y, post, comb), want, "[cuda]", w_atol=w_atol, y_atol=1e-3 if d >= 1024 else 1e-6)
+    assert_close(pre.cpu(), ref.mhc_pre_weights(x, fn, base, scale), atol=w_atol, rtol=0, name="pre")
+    assert_bitwise_equal(y.cpu(), ref.weighted_sum(x, pre.cpu()).to(torch.bfloat16), "y given pre")
+    again = cu.mhc_pre(*args)
+    for a, b, n in zip(again, (y, post, comb), ("y", "post", "comb")):
+        assert_bitwise_equal(a, b, n)
+    k = min(T, 77)
+    part = cu.mhc_pre(args[0][:k].contiguous(), *args[1:])
+    for a, b, n in zip(part, (y[:k], post[:k], comb[:k]), ("y", "post", "comb")):
+        assert_bitwise_equal(a, b, n)

@@ -37,6 +37,7 @@ import torch
 
 from .._checks import check_multiple, check_range, check_same_device, check_tensor
 from .._dispatch import define_op
+from ..cuda import mhc as cu  # imports on CPU machines: it touches torch.ops.v4kernels_C only when called
 from ..reference import mhc as ref
 from ..triton import mhc as tri
 
@@ -104,6 +105,8 @@ mhc_pre_op = define_op(
     reference=ref.mhc_pre,
     fake=_fake_pre,
     triton=tri.mhc_pre,
+    cuda=cu.mhc_pre,  # one-pass warp-specialized sm_90a kernel (bf16 streams)
+    cuda_supported=cu.pre_supported,
 )
 
 mhc_post_op = define_op(
