@@ -5,7 +5,7 @@
 //   pre = sigmoid(mix[0:4] s0 + b) + eps;  post = 2 sigmoid(mix[4:8] s1 + b);  C = Sinkhorn(mix[8:24] s2 + b)
 //   y   = bf16(((p0 X0 + p1 X1) + p2 X2) + p3 X3)
 //
-// Grid: one CTA per SM (all resident), 12 warps each:
+// Grid: one CTA per SM (all resident), 8 warps each:
 // * warps 0-3, producers (CTAs below n_a only): K is cut into S slices of KS; CTA c owns slice c % S and
 //   keeps it in shared memory for the whole kernel as three bf16 parts (fn = b0 + b1 + b2 exactly, so
 //   every x * b product is exact in fp32). It walks token blocks of 64 (tile i = c, c + n_a, ...;
@@ -14,18 +14,20 @@
 //   3 parts); each 128-k stage goes to a zeroed accumulator that is added to the running sum with an
 //   IEEE add (a long MMA chain accumulates with truncation, see the Triton kernel's notes). Σx^2 comes
 //   from the A fragments. A finished tile writes 64 x 25 fp32 partials and releases a per-block
-//   counter (one add per warp: target 4 S).
-// * warps 4-11, consumers (every CTA): take tokens from a global queue in order, wait for the token's
+//   counter (one add per warp: target 4 S). A producer starts reading a block only while the
+//   consumers are within `lag` blocks (~16 MB of X) of it, so that X is still in L2 when read back.
+// * warps 4-7, consumers (every CTA): take tokens from a global queue in order, wait for the token's
 //   block counter (acquire), sum the S partials in slice order (lane n sums column n), compute
-//   pre/post (lanes 0-7), y (all lanes, 8 bf16 per lane per 256 columns, X read back while the
-//   producers' reads are still in L2) and the 20 Sinkhorn iterations on lanes 16-31 (C[i][j] on lane
-//   16 + 4i + j: rows by xor 1/2 shuffles, columns by xor 4/8).
+//   pre/post (lanes 0-7) and y (all lanes, 8 bf16 per lane per 256 columns, X read back from L2),
+//   write the 16 comb logits, and count the token done (pacing).
+// Then mhc_sinkhorn_kernel: the 20 Sinkhorn iterations, one token per thread.
 // No atomics on data; the slices, their order and every reduction order are fixed by (d), so a
 // token's outputs do not depend on T or on the other tokens, and repeated calls give the same bytes.
 // Non-contracted fp32 arithmetic (__fmul_rn / __fadd_rn) where the reference rounds each operation.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -41,7 +43,7 @@ constexpr int kBT = 64;          // tokens per producer tile
 constexpr int kBK = 128;         // k per pipeline stage
 constexpr int kStages = 4;
 constexpr int kProducerWarps = 4;
-constexpr int kConsumerWarps = 8;
+constexpr int kConsumerWarps = 4;
 constexpr int kThreads = 32 * (kProducerWarps + kConsumerWarps);
 constexpr int kWarpStageBytes = 16 * kBK * 2;  // 16 tokens x 128 k bf16 = 4 KB
 
@@ -51,13 +53,14 @@ struct Params {
   const float* base;       // [24]
   const float* scale;      // [3]
   float* part;             // [n_blocks * S * 64, 32]
-  int* cnt;                // [n_blocks + 1]: per block, producer warps done; then the token queue
+  int* cnt;                // [n_blocks + 2]: per block, producer warps done; the token queue; tokens done
   __nv_bfloat16* y;        // [T, d]
   float* post;             // [T, 4]
   float* comb;             // [T, 16]
+  float* zc;               // [T, 16]: the comb logits, for the Sinkhorn kernel
   float* pre;              // [T, 4] or nullptr
   int64_t T, d, K;
-  int S, KS, n_a, n_blocks, iters;
+  int S, KS, n_a, n_blocks, iters, lag;  // lag: blocks a producer may run ahead of the tokens done
   float norm_eps, hc_eps;
 };
 
@@ -127,6 +130,15 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
       const int i = blockIdx.x + tile * p.n_a;
       const int b = i / p.S;
       const int64_t k0 = int64_t(slice) * p.KS + int64_t(ks) * kBK;
+      if (ks == 0 && b > p.lag) {
+        // Pace: read a new block's X only once the consumers are within `lag` blocks, so that X is
+        // still in L2 when they read it back (unpaced, producers ran ahead and the L2 hit rate was 23%).
+        if (lane == 0) {
+          const int want = (b - p.lag) * kBT;
+          while (ld_acquire(p.cnt + p.n_blocks + 1) < want) __nanosleep(128);
+        }
+        __syncwarp();
+      }
       __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
@@ -240,11 +252,12 @@ __device__ void consumer(const Params& p, int lane) {
   // per-lane constants: lane n < 24 holds mix column n
   const float sc = lane < 24 ? p.scale[lane < 4 ? 0 : (lane < 8 ? 1 : 2)] : 0.f;
   const float bs = lane < 24 ? p.base[lane] : 0.f;
+  int next = 0;
+  if (lane == 0) next = atomicAdd(p.cnt + p.n_blocks, 1);
   for (;;) {
-    int t = 0;
-    if (lane == 0) t = atomicAdd(p.cnt + p.n_blocks, 1);
-    t = __shfl_sync(0xffffffffu, t, 0);
+    const int t = __shfl_sync(0xffffffffu, next, 0);
     if (t >= p.T) break;
+    if (lane == 0) next = atomicAdd(p.cnt + p.n_blocks, 1);  // the next token, in flight meanwhile
     const int b = t / kBT, r = t - b * kBT;
     if (lane == 0) {
       while (ld_acquire(p.cnt + b) < done) __nanosleep(64);
@@ -266,6 +279,7 @@ __device__ void consumer(const Params& p, int lane) {
     const float p2 = __shfl_sync(0xffffffffu, pw, 2), p3 = __shfl_sync(0xffffffffu, pw, 3);
     if (lane < 4 && p.pre != nullptr) p.pre[int64_t(t) * 4 + lane] = pw;
     if (lane >= 4 && lane < 8) p.post[int64_t(t) * 4 + lane - 4] = __fmul_rn(2.0f, sg);
+    if (lane >= 8 && lane < 24) p.zc[int64_t(t) * 16 + lane - 8] = z;  // Sinkhorn: mhc_sinkhorn_kernel
 
     // y: lane covers 8 columns per 256; X read with evict-first loads (its last use)
     const __nv_bfloat16* xr = p.x + int64_t(t) * p.K;
@@ -297,28 +311,58 @@ __device__ void consumer(const Params& p, int lane) {
       }
       *reinterpret_cast<uint4*>(yr + c0) = o;
     }
-
-    // Sinkhorn on lanes 16-31: C[i][j] = z[8 + 4 i + j] on lane 16 + 4 i + j
-    float c = __shfl_sync(0xffffffffu, z, (lane - 8) & 31);
-    float m = fmaxf(c, __shfl_xor_sync(0xffffffffu, c, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-    float e = expf(__fadd_rn(c, -m));
-    float rs = __fadd_rn(e, __shfl_xor_sync(0xffffffffu, e, 1));
-    rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
-    c = __fadd_rn(__fdiv_rn(e, rs), p.hc_eps);
-    float cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
-    cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
-    c = __fdiv_rn(c, __fadd_rn(cs, p.hc_eps));
-    for (int it = 1; it < p.iters; ++it) {
-      rs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 1));
-      rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
-      c = __fdiv_rn(c, __fadd_rn(rs, p.hc_eps));
-      cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
-      cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
-      c = __fdiv_rn(c, __fadd_rn(cs, p.hc_eps));
-    }
-    if (lane >= 16) p.comb[int64_t(t) * 16 + lane - 16] = c;
+    __syncwarp();
+    if (lane == 0) atomicAdd(p.cnt + p.n_blocks + 1, 1);  // pacing only (no data depends on it)
   }
+}
+
+// Sinkhorn of the comb logits, one token per thread: row softmax + eps, column normalisation, then
+// (iters - 1) x (rows, columns); 4-term sums as (c0 + c1) + (c2 + c3), IEEE divisions.
+__global__ void __launch_bounds__(128) mhc_sinkhorn_kernel(const float* __restrict__ zc, float* __restrict__ comb,
+                                                           int64_t T, int iters, float eps) {
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  float c[16];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const float4 v = __ldg(reinterpret_cast<const float4*>(zc + t * 16) + q);
+    c[4 * q] = v.x, c[4 * q + 1] = v.y, c[4 * q + 2] = v.z, c[4 * q + 3] = v.w;
+  }
+  auto sum4 = [](float a, float b, float c_, float d_) { return __fadd_rn(__fadd_rn(a, b), __fadd_rn(c_, d_)); };
+  auto rows = [&]() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float s = __fadd_rn(sum4(c[4 * i], c[4 * i + 1], c[4 * i + 2], c[4 * i + 3]), eps);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c[4 * i + j] = __fdiv_rn(c[4 * i + j], s);
+    }
+  };
+  auto cols = [&]() {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float s = __fadd_rn(sum4(c[j], c[4 + j], c[8 + j], c[12 + j]), eps);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[4 * i + j] = __fdiv_rn(c[4 * i + j], s);
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float m = fmaxf(fmaxf(c[4 * i], c[4 * i + 1]), fmaxf(c[4 * i + 2], c[4 * i + 3]));
+    float e[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) e[j] = expf(__fadd_rn(c[4 * i + j], -m));
+    const float s = sum4(e[0], e[1], e[2], e[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) c[4 * i + j] = __fadd_rn(__fdiv_rn(e[j], s), eps);
+  }
+  cols();
+  for (int it = 1; it < iters; ++it) {
+    rows();
+    cols();
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    reinterpret_cast<float4*>(comb + t * 16)[q] = make_float4(c[4 * q], c[4 * q + 1], c[4 * q + 2], c[4 * q + 3]);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) mhc_pre_kernel(const Params p) {
@@ -356,8 +400,8 @@ __global__ void __launch_bounds__(kThreads, 1) mhc_pre_kernel(const Params p) {
 int64_t mhc_pre_slice(int64_t K) { return K % 1024 == 0 || K > 4096 ? 1024 : (K > 256 ? 512 : 256); }
 
 void mhc_pre_launch(const void* x, const void* fn, const void* base, const void* scale, void* part, void* cnt,
-                    void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps, double hc_eps,
-                    int64_t iters, int device, cudaStream_t stream) {
+                    void* zc, void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps,
+                    double hc_eps, int64_t iters, int device, cudaStream_t stream) {
   if (T == 0) return;
   Params p;
   p.x = static_cast<const __nv_bfloat16*>(x);
@@ -369,6 +413,7 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   p.y = static_cast<__nv_bfloat16*>(y);
   p.post = static_cast<float*>(post);
   p.comb = static_cast<float*>(comb);
+  p.zc = static_cast<float*>(zc);
   p.pre = static_cast<float*>(pre);
   p.T = T;
   p.d = d;
@@ -383,6 +428,9 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (p.S > sms) throw std::runtime_error("mhc_pre: K / slice exceeds the SM count");
   p.n_a = (sms / p.S) * p.S;
+  // ~16 MB of X between the consumers and the newest block read (L2: 50 MB on the H100, shared with the
+  // consumers' own in-flight tokens, the partials and y)
+  p.lag = int(std::max<int64_t>(2, (int64_t(16) << 20) / (kBT * 2 * p.K)));
   const size_t smem = size_t(3) * kNMix * p.KS * 2 + size_t(kProducerWarps) * kStages * kWarpStageBytes;
   static int smem_set[64] = {0};  // per device: the largest dynamic shared memory size allowed so far
   if (device >= 0 && device < 64 && smem_set[device] < int(smem)) {
@@ -391,6 +439,8 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   }
   mhc_pre_kernel<<<sms, kThreads, smem, stream>>>(p);
   check_launch("mhc_pre_kernel");
+  mhc_sinkhorn_kernel<<<unsigned((T + 127) / 128), 128, 0, stream>>>(p.zc, p.comb, T, p.iters, p.hc_eps);
+  check_launch("mhc_sinkhorn_kernel");
 }
 
 }  // namespace v4k
