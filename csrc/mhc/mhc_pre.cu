@@ -5,7 +5,7 @@
 //   pre = sigmoid(mix[0:4] s0 + b) + eps;  post = 2 sigmoid(mix[4:8] s1 + b);  C = Sinkhorn(mix[8:24] s2 + b)
 //   y   = bf16(((p0 X0 + p1 X1) + p2 X2) + p3 X3)
 //
-// Grid: one CTA per SM (all resident), 8 warps each:
+// Grid: one CTA per SM (all resident), 12 warps each:
 // * warps 0-3, producers (CTAs below n_a only): K is cut into S slices of KS; CTA c owns slice c % S and
 //   keeps it in shared memory for the whole kernel as three bf16 parts (fn = b0 + b1 + b2 exactly, so
 //   every x * b product is exact in fp32). It walks token blocks of 64 (tile i = c, c + n_a, ...;
@@ -15,11 +15,13 @@
 //   IEEE add (a long MMA chain accumulates with truncation, see the Triton kernel's notes). Σx^2 comes
 //   from the A fragments. A finished tile writes 64 x 25 fp32 partials and releases a per-block
 //   counter (one add per warp: target 4 S). A producer starts reading a block only while the
-//   consumers are within `lag` blocks (~16 MB of X) of it, so that X is still in L2 when read back.
-// * warps 4-7, consumers (every CTA): take tokens from a global queue in order, wait for the token's
-//   block counter (acquire), sum the S partials in slice order (lane n sums column n), compute
-//   pre/post (lanes 0-7) and y (all lanes, 8 bf16 per lane per 256 columns, X read back from L2),
-//   write the 16 comb logits, and count the token done (pacing).
+//   consumers are within `lag` blocks (~24 MB of X) of it, so that X is still in L2 when read back.
+// * warps 4-11, consumers (every CTA), two groups of 4 warps, one token per group at a time: the
+//   group's leader warp takes the token from a global queue (in order; the next one fetched ahead),
+//   waits for its block counter (acquire), sums the S partials in slice order (lane n sums column n),
+//   writes post and the 16 comb logits and hands pre to the group through shared memory; the 128
+//   threads compute y (8 columns per thread per 1024, X read back from L2); tokens done are counted
+//   for the pacing. (One token per warp, 1056 tokens in flight, spread over too much X for the L2.)
 // Then mhc_sinkhorn_kernel: the 20 Sinkhorn iterations, one token per thread.
 // No atomics on data; the slices, their order and every reduction order are fixed by (d), so a
 // token's outputs do not depend on T or on the other tokens, and repeated calls give the same bytes.
@@ -43,7 +45,7 @@ constexpr int kBT = 64;          // tokens per producer tile
 constexpr int kBK = 128;         // k per pipeline stage
 constexpr int kStages = 4;
 constexpr int kProducerWarps = 4;
-constexpr int kConsumerWarps = 4;
+constexpr int kConsumerWarps = 8;  // two groups of 4
 constexpr int kThreads = 32 * (kProducerWarps + kConsumerWarps);
 constexpr int kWarpStageBytes = 16 * kBK * 2;  // 16 tokens x 128 k bf16 = 4 KB
 
@@ -125,34 +127,44 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
 
   // Stage `step` of this warp's flat (tile, k step) sequence: 16 rows x 16 chunks, 8 per lane.
   auto issue = [&](int step) {
-    if (step < total) {
-      const int tile = step / ksteps, ks = step - tile * ksteps;
-      const int i = blockIdx.x + tile * p.n_a;
-      const int b = i / p.S;
-      const int64_t k0 = int64_t(slice) * p.KS + int64_t(ks) * kBK;
-      if (ks == 0 && b > p.lag) {
-        // Pace: read a new block's X only once the consumers are within `lag` blocks, so that X is
-        // still in L2 when they read it back (unpaced, producers ran ahead and the L2 hit rate was 23%).
-        if (lane == 0) {
-          const int want = (b - p.lag) * kBT;
-          while (ld_acquire(p.cnt + p.n_blocks + 1) < want) __nanosleep(128);
-        }
-        __syncwarp();
-      }
-      __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
+    const int tile = step / ksteps, ks = step - tile * ksteps;
+    const int i = blockIdx.x + tile * p.n_a;
+    const int b = i / p.S;
+    const int64_t k0 = int64_t(slice) * p.KS + int64_t(ks) * kBK;
+    __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
 #pragma unroll
-      for (int c = 0; c < 8; ++c) {
-        const int idx = lane + 32 * c, r = idx >> 4, ch = idx & 15;
-        const int64_t row = int64_t(b) * kBT + warp * 16 + r;
-        const int64_t tok = row < p.T ? row : p.T - 1;  // rows past T: any valid row
-        const int64_t k = k0 + ch * 8;
-        const int64_t left = p.K - k;
-        const int bytes = left >= 8 ? 16 : (left > 0 ? int(left) * 2 : 0);
-        const __nv_bfloat16* src = p.x + tok * p.K + (bytes ? k : 0);
-        cp_async16(smem_u32(st + r * kBK + swz(r, ch * 8)), src, bytes);
+    for (int c = 0; c < 8; ++c) {
+      const int idx = lane + 32 * c, r = idx >> 4, ch = idx & 15;
+      const int64_t row = int64_t(b) * kBT + warp * 16 + r;
+      const int64_t tok = row < p.T ? row : p.T - 1;  // rows past T: any valid row
+      const int64_t k = k0 + ch * 8;
+      const int64_t left = p.K - k;
+      const int bytes = left >= 8 ? 16 : (left > 0 ? int(left) * 2 : 0);
+      const __nv_bfloat16* src = p.x + tok * p.K + (bytes ? k : 0);
+      cp_async16(smem_u32(st + r * kBK + swz(r, ch * 8)), src, bytes);
+    }
+    cp_async_commit();
+  };
+  // Pacing: the first stage of a tile of block b may load only once the consumers have finished
+  // (b - lag) blocks' worth of tokens, so that X is still in L2 when they read it back (unpaced, the
+  // producers ran ahead and the L2 hit rate was 23%). A warp waits (block = true) only for the step it
+  // must compute next, i.e. after it released all its earlier tiles, so the wait cannot hold back a
+  // block the consumers are waiting for; otherwise it just stops issuing ahead.
+  auto paced = [&](int step, bool block) -> bool {
+    const int tile = step / ksteps;
+    if (step - tile * ksteps != 0) return true;
+    const int b = (blockIdx.x + tile * p.n_a) / p.S;
+    if (b <= p.lag) return true;
+    const int want = (b - p.lag) * kBT;
+    int ok = 1;
+    if (lane == 0) {
+      ok = ld_acquire(p.cnt + p.n_blocks + 1) >= want;
+      while (block && !ok) {
+        __nanosleep(256);
+        ok = ld_acquire(p.cnt + p.n_blocks + 1) >= want;
       }
     }
-    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
+    return __shfl_sync(0xffffffffu, ok, 0) != 0;
   };
 
   // Per-lane ldmatrix addresses. A (x, 16 x 16 at k step kk): lane -> row lane % 16, chunk 2 kk + lane / 16.
@@ -167,12 +179,16 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  int issued = 0;  // steps whose loads are issued (one cp.async group each)
   for (int step = 0; step < total; ++step) {
-    cp_async_wait<kStages - 2>();
-    __syncwarp();  // every lane's copies for `step` landed; every lane is done with the stage refilled next
-    issue(step + kStages - 1);
+    __syncwarp();  // every lane is done with the stage of step - 1, which may be refilled now
+    while (issued < total && issued < step + kStages && paced(issued, issued == step)) issue(issued++);
+    const int ahead = issued - 1 - step;  // groups issued after this step's
+    if (ahead >= 3) cp_async_wait<3>();
+    else if (ahead == 2) cp_async_wait<2>();
+    else if (ahead == 1) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncwarp();  // every lane's copies for `step` landed
     const int ks = step % ksteps;
     const __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
     float blk[3][4];
@@ -240,52 +256,78 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
       ssq0 = ssq1 = 0.f;
     }
   }
-  cp_async_wait<0>();
 }
 
 // ------------------------------------------------------------------------------------------------
 // Consumer warp: one token at a time from the queue.
 // ------------------------------------------------------------------------------------------------
-__device__ void consumer(const Params& p, int lane) {
-  const int done = p.S * kProducerWarps;
+// Per consumer group: the token being handed to the group's warps and its pre weights (two slots,
+// alternating, so the leader can fill the next while the others still read the current one).
+struct TokenSlot {
+  int t;
+  float pre[4];
+};
+
+// The leader warp (first of its group): weights of token t; returns pre on lanes 0-3.
+__device__ __forceinline__ float token_weights(const Params& p, int t, int lane, float sc, float bs) {
+  const int b = t / kBT, r = t - b * kBT;
+  if (lane == 0) {
+    while (ld_acquire(p.cnt + b) < p.S * kProducerWarps) __nanosleep(64);
+  }
+  __syncwarp();  // orders the other lanes' loads after lane 0's acquire
+  // column sums over the S slices, in slice order (lane 24: Σx^2)
+  float v = 0.f;
+  if (lane <= kNMix) {
+    const float* src = p.part + (int64_t(b) * p.S * kBT + r) * kPartStride + lane;
+#pragma unroll 8
+    for (int s = 0; s < p.S; ++s) v = __fadd_rn(v, __ldcg(src + int64_t(s) * kBT * kPartStride));
+  }
+  const float ssq = __shfl_sync(0xffffffffu, v, kNMix);
+  const float rr = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ssq, float(p.K)), p.norm_eps)));
+  const float z = __fadd_rn(__fmul_rn(__fmul_rn(v, rr), sc), bs);
+  const float sg = sigmoid(z);
+  const float pw = __fadd_rn(sg, p.hc_eps);  // pre on lanes 0-3
+  if (lane < 4 && p.pre != nullptr) p.pre[int64_t(t) * 4 + lane] = pw;
+  if (lane >= 4 && lane < 8) p.post[int64_t(t) * 4 + lane - 4] = __fmul_rn(2.0f, sg);
+  if (lane >= 8 && lane < 24) p.zc[int64_t(t) * 16 + lane - 8] = z;  // Sinkhorn: mhc_sinkhorn_kernel
+  return pw;
+}
+
+// A group of 4 consumer warps (128 threads, named barrier `bar`) works on one token at a time: the
+// leader warp takes it from the queue (the next one is fetched ahead), waits for its block, computes
+// its weights and publishes them in `slots`; then all 128 threads compute y (8 columns per thread per
+// 1024), X read back from L2 with evict-first loads (its last use).
+__device__ void consumer_group(const Params& p, TokenSlot* slots, int gwarp, int lane, int bar) {
   const int d = int(p.d);
-  // per-lane constants: lane n < 24 holds mix column n
+  const int gtid = gwarp * 32 + lane;
+  const bool leader = gwarp == 0;
+  // leader lanes n < 24 hold mix column n
   const float sc = lane < 24 ? p.scale[lane < 4 ? 0 : (lane < 8 ? 1 : 2)] : 0.f;
   const float bs = lane < 24 ? p.base[lane] : 0.f;
   int next = 0;
-  if (lane == 0) next = atomicAdd(p.cnt + p.n_blocks, 1);
-  for (;;) {
-    const int t = __shfl_sync(0xffffffffu, next, 0);
+  if (leader && lane == 0) next = atomicAdd(p.cnt + p.n_blocks, 1);
+  for (int it = 0;; ++it) {
+    TokenSlot* slot = slots + (it & 1);
+    if (leader) {
+      const int t = __shfl_sync(0xffffffffu, next, 0);
+      if (lane == 0) {
+        if (it > 0) atomicAdd(p.cnt + p.n_blocks + 1, 1);  // the previous token is (nearly) done: pacing only
+        if (t < p.T) next = atomicAdd(p.cnt + p.n_blocks, 1);  // the next token, in flight meanwhile
+        slot->t = t;
+      }
+      if (t < p.T) {
+        const float pw = token_weights(p, t, lane, sc, bs);
+        if (lane < 4) slot->pre[lane] = pw;
+      }
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+    const int t = slot->t;
     if (t >= p.T) break;
-    if (lane == 0) next = atomicAdd(p.cnt + p.n_blocks, 1);  // the next token, in flight meanwhile
-    const int b = t / kBT, r = t - b * kBT;
-    if (lane == 0) {
-      while (ld_acquire(p.cnt + b) < done) __nanosleep(64);
-    }
-    __syncwarp();  // orders the other lanes' loads after lane 0's acquire
-    // column sums over the S slices, in slice order (lane 24: Σx^2)
-    float v = 0.f;
-    if (lane <= kNMix) {
-      const float* src = p.part + (int64_t(b) * p.S * kBT + r) * kPartStride + lane;
-#pragma unroll 8
-      for (int s = 0; s < p.S; ++s) v = __fadd_rn(v, __ldcg(src + int64_t(s) * kBT * kPartStride));
-    }
-    const float ssq = __shfl_sync(0xffffffffu, v, kNMix);
-    const float rr = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ssq, float(p.K)), p.norm_eps)));
-    const float z = __fadd_rn(__fmul_rn(__fmul_rn(v, rr), sc), bs);
-    const float sg = sigmoid(z);
-    const float pw = __fadd_rn(sg, p.hc_eps);  // pre on lanes 0-3
-    const float p0 = __shfl_sync(0xffffffffu, pw, 0), p1 = __shfl_sync(0xffffffffu, pw, 1);
-    const float p2 = __shfl_sync(0xffffffffu, pw, 2), p3 = __shfl_sync(0xffffffffu, pw, 3);
-    if (lane < 4 && p.pre != nullptr) p.pre[int64_t(t) * 4 + lane] = pw;
-    if (lane >= 4 && lane < 8) p.post[int64_t(t) * 4 + lane - 4] = __fmul_rn(2.0f, sg);
-    if (lane >= 8 && lane < 24) p.zc[int64_t(t) * 16 + lane - 8] = z;  // Sinkhorn: mhc_sinkhorn_kernel
-
-    // y: lane covers 8 columns per 256; X read with evict-first loads (its last use)
+    const float p0 = slot->pre[0], p1 = slot->pre[1], p2 = slot->pre[2], p3 = slot->pre[3];
     const __nv_bfloat16* xr = p.x + int64_t(t) * p.K;
     __nv_bfloat16* yr = p.y + int64_t(t) * d;
 #pragma unroll 4
-    for (int c0 = lane * 8; c0 < d; c0 += 256) {
+    for (int c0 = gtid * 8; c0 < d; c0 += 1024) {
       uint4 u[4];
 #pragma unroll
       for (int s = 0; s < 4; ++s) u[s] = __ldcs(reinterpret_cast<const uint4*>(xr + int64_t(s) * d + c0));
@@ -311,8 +353,6 @@ __device__ void consumer(const Params& p, int lane) {
       }
       *reinterpret_cast<uint4*>(yr + c0) = o;
     }
-    __syncwarp();
-    if (lane == 0) atomicAdd(p.cnt + p.n_blocks + 1, 1);  // pacing only (no data depends on it)
   }
 }
 
@@ -388,10 +428,12 @@ __global__ void __launch_bounds__(kThreads, 1) mhc_pre_kernel(const Params p) {
     }
   }
   __syncthreads();
+  __shared__ TokenSlot slots[kConsumerWarps / 4][2];
   if (warp < kProducerWarps) {
     if (producer_cta) producer(p, fn_s, x_s, warp, lane);
   } else {
-    consumer(p, lane);
+    const int g = (warp - kProducerWarps) / 4;
+    consumer_group(p, slots[g], (warp - kProducerWarps) % 4, lane, 1 + g);
   }
 }
 
@@ -428,9 +470,9 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (p.S > sms) throw std::runtime_error("mhc_pre: K / slice exceeds the SM count");
   p.n_a = (sms / p.S) * p.S;
-  // ~16 MB of X between the consumers and the newest block read (L2: 50 MB on the H100, shared with the
-  // consumers' own in-flight tokens, the partials and y)
-  p.lag = int(std::max<int64_t>(2, (int64_t(16) << 20) / (kBT * 2 * p.K)));
+  // ~24 MB of X between the tokens done and the newest block read (L2: 50 MB on the H100, shared with
+  // the partials and y)
+  p.lag = int(std::max<int64_t>(2, (int64_t(24) << 20) / (kBT * 2 * p.K)));
   const size_t smem = size_t(3) * kNMix * p.KS * 2 + size_t(kProducerWarps) * kStages * kWarpStageBytes;
   static int smem_set[64] = {0};  // per device: the largest dynamic shared memory size allowed so far
   if (device >= 0 && device < 64 && smem_set[device] < int(smem)) {
