@@ -11,17 +11,17 @@
 //   every x * b product is exact in fp32). It walks token blocks of 64 (tile i = c, c + n_a, ...;
 //   block i / S). Each producer warp owns 16 tokens of the block and runs its own cp.async ring
 //   (4 stages of 16 tokens x 128 k) through mma.sync m16n8k16 (tokens = M, 24 mix rows = 3 n8 tiles,
-//   3 parts); each 128-k stage goes to a zeroed accumulator that is added to the running sum with an
-//   IEEE add (a long MMA chain accumulates with truncation, see the Triton kernel's notes). Σx^2 comes
+//   3 parts); each 128-k stage goes to zeroed accumulators (one per part and n tile: nine short MMA
+//   chains) whose sum (b0 + b1) + b2 is added to the running sum with IEEE adds (a long MMA chain accumulates with truncation, see the Triton kernel's notes). Σx^2 comes
 //   from the A fragments. A finished tile writes 64 x 25 fp32 partials and releases a per-block
 //   counter (one add per warp: target 4 S). A producer starts reading a block only while the
 //   consumers are within `lag` blocks (~24 MB of X) of it, so that X is still in L2 when read back.
 // * warps 4-11, consumers (every CTA), two groups of 4 warps, one token per group at a time: the
-//   group's leader warp takes the token from a global queue (in order; the next one fetched ahead),
-//   waits for its block counter (acquire), sums the S partials in slice order (lane n sums column n),
-//   writes post and the 16 comb logits and hands pre to the group through shared memory; the 128
-//   threads compute y (8 columns per thread per 1024, X read back from L2); tokens done are counted
-//   for the pacing. (One token per warp, 1056 tokens in flight, spread over too much X for the L2.)
+//   group's leader warp takes the token from a global queue (in order), waits for its block counter
+//   (acquire), sums the S partials in slice order (lane n sums column n), writes post and the 16 comb
+//   logits and hands pre to the group through shared memory, one token ahead (it prepares token n + 1
+//   before its share of y(n)); the 128 threads compute y (8 columns per thread per 1024, X read back
+//   from L2); tokens started are counted for the pacing. (One token per warp, 1056 tokens in flight, spread over too much X for the L2.)
 // Then mhc_sinkhorn_kernel: the 20 Sinkhorn iterations, one token per thread.
 // No atomics on data; the slices, their order and every reduction order are fixed by (d), so a
 // token's outputs do not depend on T or on the other tokens, and repeated calls give the same bytes.
@@ -191,11 +191,13 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
     __syncwarp();  // every lane's copies for `step` landed
     const int ks = step % ksteps;
     const __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
-    float blk[3][4];
+    float blk[3][3][4];  // [part][n tile]: nine independent MMA chains (8 long) instead of three (24 long)
 #pragma unroll
-    for (int j = 0; j < 3; ++j)
+    for (int q = 0; q < 3; ++q)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) blk[j][e] = 0.f;
+      for (int j = 0; j < 3; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) blk[q][j][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       uint32_t a[4];
@@ -220,12 +222,13 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
 #pragma unroll
       for (int q = 0; q < 3; ++q)
 #pragma unroll
-        for (int j = 0; j < 3; ++j) mma_bf16(blk[j], a, bf[3 * q + j][0], bf[3 * q + j][1]);
+        for (int j = 0; j < 3; ++j) mma_bf16(blk[q][j], a, bf[3 * q + j][0], bf[3 * q + j][1]);
     }
 #pragma unroll
     for (int j = 0; j < 3; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[j][e] = __fadd_rn(acc[j][e], blk[j][e]);
+      for (int e = 0; e < 4; ++e)
+        acc[j][e] = __fadd_rn(acc[j][e], __fadd_rn(__fadd_rn(blk[0][j][e], blk[1][j][e]), blk[2][j][e]));
 
     if (ks == ksteps - 1) {  // tile done: partials of the warp's 16 tokens, then release
       const int i = blockIdx.x + (step / ksteps) * p.n_a;
@@ -304,26 +307,29 @@ __device__ void consumer_group(const Params& p, TokenSlot* slots, int gwarp, int
   // leader lanes n < 24 hold mix column n
   const float sc = lane < 24 ? p.scale[lane < 4 ? 0 : (lane < 8 ? 1 : 2)] : 0.f;
   const float bs = lane < 24 ? p.base[lane] : 0.f;
-  int next = 0;
-  if (leader && lane == 0) next = atomicAdd(p.cnt + p.n_blocks, 1);
-  for (int it = 0;; ++it) {
-    TokenSlot* slot = slots + (it & 1);
-    if (leader) {
-      const int t = __shfl_sync(0xffffffffu, next, 0);
-      if (lane == 0) {
-        if (it > 0) atomicAdd(p.cnt + p.n_blocks + 1, 1);  // the previous token is (nearly) done: pacing only
-        if (t < p.T) next = atomicAdd(p.cnt + p.n_blocks, 1);  // the next token, in flight meanwhile
-        slot->t = t;
-      }
-      if (t < p.T) {
-        const float pw = token_weights(p, t, lane, sc, bs);
-        if (lane < 4) slot->pre[lane] = pw;
-      }
+  // The leader fills the slot of token n + 1 (queue, wait, weights) before its share of y(n), so the
+  // other warps' y(n) hides that latency.
+  auto prepare = [&](TokenSlot* slot) {
+    int t = 0;
+    if (lane == 0) t = atomicAdd(p.cnt + p.n_blocks, 1);
+    t = __shfl_sync(0xffffffffu, t, 0);
+    if (lane == 0) slot->t = t;
+    if (t < p.T) {
+      const float pw = token_weights(p, t, lane, sc, bs);
+      if (lane < 4) slot->pre[lane] = pw;
     }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");
+  };
+  if (leader) prepare(slots);
+  for (int it = 0;; ++it) {
+    asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");  // slot `it` filled; y(it - 1) done
+    const TokenSlot* slot = slots + (it & 1);
     const int t = slot->t;
     if (t >= p.T) break;
+    // pacing count: tokens whose y has started (counting at the end instead could leave a group's finished
+    // token uncounted while its leader waits for the next block: a producer-consumer cycle)
+    if (leader && lane == 0) atomicAdd(p.cnt + p.n_blocks + 1, 1);
     const float p0 = slot->pre[0], p1 = slot->pre[1], p2 = slot->pre[2], p3 = slot->pre[3];
+    if (leader) prepare(slots + ((it + 1) & 1));  // its readers passed this iteration's barrier
     const __nv_bfloat16* xr = p.x + int64_t(t) * p.K;
     __nv_bfloat16* yr = p.y + int64_t(t) * d;
 #pragma unroll 4
