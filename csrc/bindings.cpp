@@ -21,8 +21,8 @@ void moe_mxfp4_decode_launch(const void* a, const void* a_scale, const void* w0,
                              int64_t Ma, int64_t mode, double limit, cudaStream_t stream);
 int64_t mhc_pre_slice(int64_t K);
 void mhc_pre_launch(const void* x, const void* fn, const void* base, const void* scale, void* part, void* cnt,
-                    void* zc, void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps,
-                    double hc_eps, int64_t iters, int device, cudaStream_t stream);
+                    void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps, double hc_eps,
+                    int64_t iters, int device, cudaStream_t stream);
 }
 
 namespace {
@@ -125,11 +125,10 @@ void moe_mxfp4_decode_swiglu(Tensor a, std::optional<Tensor> a_scale, Tensor w1,
 
 // ---- mHC hc_pre, one pass over the streams (csrc/mhc/mhc_pre.cu) ----
 // x bf16 [T, 4, d] (d % 16 == 0, 16-byte aligned), fn fp32 [24, 4d], base [24], scale [3]; workspace:
-// part fp32 [>= ceil(T/64) * S * 64 * 32] (S = ceil(4d / slice)), cnt int32 [ceil(T/64) + 2] zeroed,
-// zc fp32 [T, 16] (the comb logits between the two kernels).
+// part fp32 [>= ceil(T/64) * S * 64 * 32] (S = ceil(4d / slice)), cnt int32 [ceil(T/64) + 1] zeroed.
 void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps, double hc_eps, int64_t iters,
-                 Tensor part, Tensor cnt, Tensor zc, Tensor y, Tensor post, Tensor comb, Tensor pre) {
-  for (const Tensor* t : {&x, &fn, &base, &scale, &part, &cnt, &zc, &y, &post, &comb, &pre}) {
+                 Tensor part, Tensor cnt, Tensor y, Tensor post, Tensor comb, Tensor pre) {
+  for (const Tensor* t : {&x, &fn, &base, &scale, &part, &cnt, &y, &post, &comb, &pre}) {
     STD_TORCH_CHECK(t->is_cuda() && t->is_contiguous(), "mhc_pre_out: contiguous CUDA tensors expected");
   }
   STD_TORCH_CHECK(x.dim() == 3 && x.size(1) == 4 && x.element_size() == 2, "mhc_pre_out: x must be bf16 [T, 4, d]");
@@ -142,16 +141,14 @@ void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps
                   "mhc_pre_out: base fp32 [24] and scale fp32 [3] expected");
   const int64_t ks = v4k::mhc_pre_slice(K), S = (K + ks - 1) / ks, nb = (T + 63) / 64;
   STD_TORCH_CHECK(part.numel() >= nb * S * 64 * 32 && part.element_size() == 4, "mhc_pre_out: part too small");
-  STD_TORCH_CHECK(cnt.numel() >= nb + 2 && cnt.element_size() == 4, "mhc_pre_out: cnt must be int32 [ceil(T/64) + 2]");
-  STD_TORCH_CHECK(zc.numel() >= T * 16 && zc.element_size() == 4 && reinterpret_cast<uintptr_t>(zc.data_ptr()) % 16 == 0,
-                  "mhc_pre_out: zc must be fp32 [T, 16], 16-byte aligned");
+  STD_TORCH_CHECK(cnt.numel() >= nb + 1 && cnt.element_size() == 4, "mhc_pre_out: cnt must be int32 [ceil(T/64) + 1]");
   STD_TORCH_CHECK(y.numel() == T * d && y.element_size() == 2 && post.numel() == T * 4 && comb.numel() == T * 16 &&
                       pre.numel() == T * 4,
                   "mhc_pre_out: outputs must be y bf16 [T, d], post / pre fp32 [T, 4], comb fp32 [T, 4, 4]");
   const int device = x.get_device_index();
   v4k::DeviceGuard guard(device);
   v4k::mhc_pre_launch(x.data_ptr(), fn.data_ptr(), base.data_ptr(), scale.data_ptr(), part.data_ptr(), cnt.data_ptr(),
-                      zc.data_ptr(), y.data_ptr(), post.data_ptr(), comb.data_ptr(), pre.data_ptr(), T, d, norm_eps, hc_eps, iters,
+                      y.data_ptr(), post.data_ptr(), comb.data_ptr(), pre.data_ptr(), T, d, norm_eps, hc_eps, iters,
                       device, v4k::current_stream(device));
 }
 
@@ -165,8 +162,7 @@ STABLE_TORCH_LIBRARY(v4kernels_C, m) {
         "Tensor w3_scale, Tensor expert_offsets, Tensor? row_ids, Tensor? row_weights, int mode, "
         "float swiglu_limit, Tensor(a!) out) -> ()");
   m.def("mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, float norm_eps, float hc_eps, int iters, "
-        "Tensor(a!) part, Tensor(b!) cnt, Tensor(c!) zc, Tensor(d!) y, Tensor(e!) post, Tensor(f!) comb, "
-        "Tensor(g!) pre) -> ()");
+        "Tensor(a!) part, Tensor(b!) cnt, Tensor(c!) y, Tensor(d!) post, Tensor(e!) comb, Tensor(f!) pre) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {

@@ -11,25 +11,29 @@
 //   every x * b product is exact in fp32). It walks token blocks of 64 (tile i = c, c + n_a, ...;
 //   block i / S). Each producer warp owns 16 tokens of the block and runs its own cp.async ring
 //   (4 stages of 16 tokens x 128 k) through mma.sync m16n8k16 (tokens = M, 24 mix rows = 3 n8 tiles,
-//   3 parts); each 128-k stage goes to zeroed accumulators (one per part and n tile: nine short MMA
-//   chains) whose sum (b0 + b1) + b2 is added to the running sum with IEEE adds (a long MMA chain accumulates with truncation, see the Triton kernel's notes). Σx^2 comes
+//   3 parts); each 128-k stage goes to a zeroed accumulator that is added to the running sum with an
+//   IEEE add (a long MMA chain accumulates with truncation, see the Triton kernel's notes). Σx^2 comes
 //   from the A fragments. A finished tile writes 64 x 25 fp32 partials and releases a per-block
-//   counter (one add per warp: target 4 S). A producer starts reading a block only while the
-//   consumers are within `lag` blocks (~24 MB of X) of it, so that X is still in L2 when read back.
-// * warps 4-11, consumers (every CTA), two groups of 4 warps, one token per group at a time: the
-//   group's leader warp takes the token from a global queue (in order), waits for its block counter
-//   (acquire), sums the S partials in slice order (lane n sums column n), writes post and the 16 comb
-//   logits and hands pre to the group through shared memory, one token ahead (it prepares token n + 1
-//   before its share of y(n)); the 128 threads compute y (8 columns per thread per 1024, X read back
-//   from L2); tokens started are counted for the pacing. (One token per warp, 1056 tokens in flight, spread over too much X for the L2.)
-// Then mhc_sinkhorn_kernel: the 20 Sinkhorn iterations, one token per thread.
+//   counter (one add per warp: target 4 S).
+// * warps 4-11, consumers (every CTA): take tokens from a global queue in order, wait for the token's
+//   block counter (acquire), sum the S partials in slice order (lane n sums column n), compute
+//   pre/post (lanes 0-7), y (all lanes, 8 bf16 per lane per 256 columns, X read back while the
+//   producers' reads are still in L2) and the 20 Sinkhorn iterations on lanes 16-31 (C[i][j] on lane
+//   16 + 4i + j: rows by xor 1/2 shuffles, columns by xor 4/8).
+// Measured (H100, scripts/profile_mhc.py): 45-51% of the copy bandwidth at T >= 8192, 28-34% at
+// T = 1024; 10-27% faster than the Triton streaming kernel at T = 1024 .. 65536 (both widths). ncu
+// (d = 4096, T = 8192): DRAM 69% busy but an L2 hit rate of 23%: the producers run ahead of the
+// consumers and X is read twice. Tried and reverted (commits c8f4802, 69da2af): pacing the producers to
+// ~24 MB of X ahead of the tokens done, with consumer groups of 4 warps per token (fewer tokens in
+// flight), nine independent MMA chains and the next token's weights prepared ahead: L2 hit rate 38%,
+// +11% at d = 4096, T = 65536, but slower at T = 1024 and at d = 7168. Open: find what bounds the
+// paced kernel (issue 0.32 per scheduler, DRAM 42%), e.g. consumer latency per token.
 // No atomics on data; the slices, their order and every reduction order are fixed by (d), so a
 // token's outputs do not depend on T or on the other tokens, and repeated calls give the same bytes.
 // Non-contracted fp32 arithmetic (__fmul_rn / __fadd_rn) where the reference rounds each operation.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -45,7 +49,7 @@ constexpr int kBT = 64;          // tokens per producer tile
 constexpr int kBK = 128;         // k per pipeline stage
 constexpr int kStages = 4;
 constexpr int kProducerWarps = 4;
-constexpr int kConsumerWarps = 8;  // two groups of 4
+constexpr int kConsumerWarps = 8;
 constexpr int kThreads = 32 * (kProducerWarps + kConsumerWarps);
 constexpr int kWarpStageBytes = 16 * kBK * 2;  // 16 tokens x 128 k bf16 = 4 KB
 
@@ -55,14 +59,13 @@ struct Params {
   const float* base;       // [24]
   const float* scale;      // [3]
   float* part;             // [n_blocks * S * 64, 32]
-  int* cnt;                // [n_blocks + 2]: per block, producer warps done; the token queue; tokens done
+  int* cnt;                // [n_blocks + 1]: per block, producer warps done; then the token queue
   __nv_bfloat16* y;        // [T, d]
   float* post;             // [T, 4]
   float* comb;             // [T, 16]
-  float* zc;               // [T, 16]: the comb logits, for the Sinkhorn kernel
   float* pre;              // [T, 4] or nullptr
   int64_t T, d, K;
-  int S, KS, n_a, n_blocks, iters, lag;  // lag: blocks a producer may run ahead of the tokens done
+  int S, KS, n_a, n_blocks, iters;
   float norm_eps, hc_eps;
 };
 
@@ -127,44 +130,25 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
 
   // Stage `step` of this warp's flat (tile, k step) sequence: 16 rows x 16 chunks, 8 per lane.
   auto issue = [&](int step) {
-    const int tile = step / ksteps, ks = step - tile * ksteps;
-    const int i = blockIdx.x + tile * p.n_a;
-    const int b = i / p.S;
-    const int64_t k0 = int64_t(slice) * p.KS + int64_t(ks) * kBK;
-    __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
+    if (step < total) {
+      const int tile = step / ksteps, ks = step - tile * ksteps;
+      const int i = blockIdx.x + tile * p.n_a;
+      const int b = i / p.S;
+      const int64_t k0 = int64_t(slice) * p.KS + int64_t(ks) * kBK;
+      __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const int idx = lane + 32 * c, r = idx >> 4, ch = idx & 15;
-      const int64_t row = int64_t(b) * kBT + warp * 16 + r;
-      const int64_t tok = row < p.T ? row : p.T - 1;  // rows past T: any valid row
-      const int64_t k = k0 + ch * 8;
-      const int64_t left = p.K - k;
-      const int bytes = left >= 8 ? 16 : (left > 0 ? int(left) * 2 : 0);
-      const __nv_bfloat16* src = p.x + tok * p.K + (bytes ? k : 0);
-      cp_async16(smem_u32(st + r * kBK + swz(r, ch * 8)), src, bytes);
-    }
-    cp_async_commit();
-  };
-  // Pacing: the first stage of a tile of block b may load only once the consumers have finished
-  // (b - lag) blocks' worth of tokens, so that X is still in L2 when they read it back (unpaced, the
-  // producers ran ahead and the L2 hit rate was 23%). A warp waits (block = true) only for the step it
-  // must compute next, i.e. after it released all its earlier tiles, so the wait cannot hold back a
-  // block the consumers are waiting for; otherwise it just stops issuing ahead.
-  auto paced = [&](int step, bool block) -> bool {
-    const int tile = step / ksteps;
-    if (step - tile * ksteps != 0) return true;
-    const int b = (blockIdx.x + tile * p.n_a) / p.S;
-    if (b <= p.lag) return true;
-    const int want = (b - p.lag) * kBT;
-    int ok = 1;
-    if (lane == 0) {
-      ok = ld_acquire(p.cnt + p.n_blocks + 1) >= want;
-      while (block && !ok) {
-        __nanosleep(256);
-        ok = ld_acquire(p.cnt + p.n_blocks + 1) >= want;
+      for (int c = 0; c < 8; ++c) {
+        const int idx = lane + 32 * c, r = idx >> 4, ch = idx & 15;
+        const int64_t row = int64_t(b) * kBT + warp * 16 + r;
+        const int64_t tok = row < p.T ? row : p.T - 1;  // rows past T: any valid row
+        const int64_t k = k0 + ch * 8;
+        const int64_t left = p.K - k;
+        const int bytes = left >= 8 ? 16 : (left > 0 ? int(left) * 2 : 0);
+        const __nv_bfloat16* src = p.x + tok * p.K + (bytes ? k : 0);
+        cp_async16(smem_u32(st + r * kBK + swz(r, ch * 8)), src, bytes);
       }
     }
-    return __shfl_sync(0xffffffffu, ok, 0) != 0;
+    cp_async_commit();  // an empty group past the end keeps the wait counts uniform
   };
 
   // Per-lane ldmatrix addresses. A (x, 16 x 16 at k step kk): lane -> row lane % 16, chunk 2 kk + lane / 16.
@@ -179,25 +163,19 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
-  int issued = 0;  // steps whose loads are issued (one cp.async group each)
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
   for (int step = 0; step < total; ++step) {
-    __syncwarp();  // every lane is done with the stage of step - 1, which may be refilled now
-    while (issued < total && issued < step + kStages && paced(issued, issued == step)) issue(issued++);
-    const int ahead = issued - 1 - step;  // groups issued after this step's
-    if (ahead >= 3) cp_async_wait<3>();
-    else if (ahead == 2) cp_async_wait<2>();
-    else if (ahead == 1) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncwarp();  // every lane's copies for `step` landed
+    cp_async_wait<kStages - 2>();
+    __syncwarp();  // every lane's copies for `step` landed; every lane is done with the stage refilled next
+    issue(step + kStages - 1);
     const int ks = step % ksteps;
     const __nv_bfloat16* st = ring + (step % kStages) * (kWarpStageBytes / 2);
-    float blk[3][3][4];  // [part][n tile]: nine independent MMA chains (8 long) instead of three (24 long)
+    float blk[3][4];
 #pragma unroll
-    for (int q = 0; q < 3; ++q)
+    for (int j = 0; j < 3; ++j)
 #pragma unroll
-      for (int j = 0; j < 3; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) blk[q][j][e] = 0.f;
+      for (int e = 0; e < 4; ++e) blk[j][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       uint32_t a[4];
@@ -222,13 +200,12 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
 #pragma unroll
       for (int q = 0; q < 3; ++q)
 #pragma unroll
-        for (int j = 0; j < 3; ++j) mma_bf16(blk[q][j], a, bf[3 * q + j][0], bf[3 * q + j][1]);
+        for (int j = 0; j < 3; ++j) mma_bf16(blk[j], a, bf[3 * q + j][0], bf[3 * q + j][1]);
     }
 #pragma unroll
     for (int j = 0; j < 3; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        acc[j][e] = __fadd_rn(acc[j][e], __fadd_rn(__fadd_rn(blk[0][j][e], blk[1][j][e]), blk[2][j][e]));
+      for (int e = 0; e < 4; ++e) acc[j][e] = __fadd_rn(acc[j][e], blk[j][e]);
 
     if (ks == ksteps - 1) {  // tile done: partials of the warp's 16 tokens, then release
       const int i = blockIdx.x + (step / ksteps) * p.n_a;
@@ -259,81 +236,50 @@ __device__ void producer(const Params& p, const __nv_bfloat16* fn_s, __nv_bfloat
       ssq0 = ssq1 = 0.f;
     }
   }
+  cp_async_wait<0>();
 }
 
 // ------------------------------------------------------------------------------------------------
 // Consumer warp: one token at a time from the queue.
 // ------------------------------------------------------------------------------------------------
-// Per consumer group: the token being handed to the group's warps and its pre weights (two slots,
-// alternating, so the leader can fill the next while the others still read the current one).
-struct TokenSlot {
-  int t;
-  float pre[4];
-};
-
-// The leader warp (first of its group): weights of token t; returns pre on lanes 0-3.
-__device__ __forceinline__ float token_weights(const Params& p, int t, int lane, float sc, float bs) {
-  const int b = t / kBT, r = t - b * kBT;
-  if (lane == 0) {
-    while (ld_acquire(p.cnt + b) < p.S * kProducerWarps) __nanosleep(64);
-  }
-  __syncwarp();  // orders the other lanes' loads after lane 0's acquire
-  // column sums over the S slices, in slice order (lane 24: Σx^2)
-  float v = 0.f;
-  if (lane <= kNMix) {
-    const float* src = p.part + (int64_t(b) * p.S * kBT + r) * kPartStride + lane;
-#pragma unroll 8
-    for (int s = 0; s < p.S; ++s) v = __fadd_rn(v, __ldcg(src + int64_t(s) * kBT * kPartStride));
-  }
-  const float ssq = __shfl_sync(0xffffffffu, v, kNMix);
-  const float rr = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ssq, float(p.K)), p.norm_eps)));
-  const float z = __fadd_rn(__fmul_rn(__fmul_rn(v, rr), sc), bs);
-  const float sg = sigmoid(z);
-  const float pw = __fadd_rn(sg, p.hc_eps);  // pre on lanes 0-3
-  if (lane < 4 && p.pre != nullptr) p.pre[int64_t(t) * 4 + lane] = pw;
-  if (lane >= 4 && lane < 8) p.post[int64_t(t) * 4 + lane - 4] = __fmul_rn(2.0f, sg);
-  if (lane >= 8 && lane < 24) p.zc[int64_t(t) * 16 + lane - 8] = z;  // Sinkhorn: mhc_sinkhorn_kernel
-  return pw;
-}
-
-// A group of 4 consumer warps (128 threads, named barrier `bar`) works on one token at a time: the
-// leader warp takes it from the queue (the next one is fetched ahead), waits for its block, computes
-// its weights and publishes them in `slots`; then all 128 threads compute y (8 columns per thread per
-// 1024), X read back from L2 with evict-first loads (its last use).
-__device__ void consumer_group(const Params& p, TokenSlot* slots, int gwarp, int lane, int bar) {
+__device__ void consumer(const Params& p, int lane) {
+  const int done = p.S * kProducerWarps;
   const int d = int(p.d);
-  const int gtid = gwarp * 32 + lane;
-  const bool leader = gwarp == 0;
-  // leader lanes n < 24 hold mix column n
+  // per-lane constants: lane n < 24 holds mix column n
   const float sc = lane < 24 ? p.scale[lane < 4 ? 0 : (lane < 8 ? 1 : 2)] : 0.f;
   const float bs = lane < 24 ? p.base[lane] : 0.f;
-  // The leader fills the slot of token n + 1 (queue, wait, weights) before its share of y(n), so the
-  // other warps' y(n) hides that latency.
-  auto prepare = [&](TokenSlot* slot) {
+  for (;;) {
     int t = 0;
     if (lane == 0) t = atomicAdd(p.cnt + p.n_blocks, 1);
     t = __shfl_sync(0xffffffffu, t, 0);
-    if (lane == 0) slot->t = t;
-    if (t < p.T) {
-      const float pw = token_weights(p, t, lane, sc, bs);
-      if (lane < 4) slot->pre[lane] = pw;
-    }
-  };
-  if (leader) prepare(slots);
-  for (int it = 0;; ++it) {
-    asm volatile("bar.sync %0, 128;\n" ::"r"(bar) : "memory");  // slot `it` filled; y(it - 1) done
-    const TokenSlot* slot = slots + (it & 1);
-    const int t = slot->t;
     if (t >= p.T) break;
-    // pacing count: tokens whose y has started (counting at the end instead could leave a group's finished
-    // token uncounted while its leader waits for the next block: a producer-consumer cycle)
-    if (leader && lane == 0) atomicAdd(p.cnt + p.n_blocks + 1, 1);
-    const float p0 = slot->pre[0], p1 = slot->pre[1], p2 = slot->pre[2], p3 = slot->pre[3];
-    if (leader) prepare(slots + ((it + 1) & 1));  // its readers passed this iteration's barrier
+    const int b = t / kBT, r = t - b * kBT;
+    if (lane == 0) {
+      while (ld_acquire(p.cnt + b) < done) __nanosleep(64);
+    }
+    __syncwarp();  // orders the other lanes' loads after lane 0's acquire
+    // column sums over the S slices, in slice order (lane 24: Σx^2)
+    float v = 0.f;
+    if (lane <= kNMix) {
+      const float* src = p.part + (int64_t(b) * p.S * kBT + r) * kPartStride + lane;
+#pragma unroll 8
+      for (int s = 0; s < p.S; ++s) v = __fadd_rn(v, __ldcg(src + int64_t(s) * kBT * kPartStride));
+    }
+    const float ssq = __shfl_sync(0xffffffffu, v, kNMix);
+    const float rr = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ssq, float(p.K)), p.norm_eps)));
+    const float z = __fadd_rn(__fmul_rn(__fmul_rn(v, rr), sc), bs);
+    const float sg = sigmoid(z);
+    const float pw = __fadd_rn(sg, p.hc_eps);  // pre on lanes 0-3
+    const float p0 = __shfl_sync(0xffffffffu, pw, 0), p1 = __shfl_sync(0xffffffffu, pw, 1);
+    const float p2 = __shfl_sync(0xffffffffu, pw, 2), p3 = __shfl_sync(0xffffffffu, pw, 3);
+    if (lane < 4 && p.pre != nullptr) p.pre[int64_t(t) * 4 + lane] = pw;
+    if (lane >= 4 && lane < 8) p.post[int64_t(t) * 4 + lane - 4] = __fmul_rn(2.0f, sg);
+
+    // y: lane covers 8 columns per 256; X read with evict-first loads (its last use)
     const __nv_bfloat16* xr = p.x + int64_t(t) * p.K;
     __nv_bfloat16* yr = p.y + int64_t(t) * d;
 #pragma unroll 4
-    for (int c0 = gtid * 8; c0 < d; c0 += 1024) {
+    for (int c0 = lane * 8; c0 < d; c0 += 256) {
       uint4 u[4];
 #pragma unroll
       for (int s = 0; s < 4; ++s) u[s] = __ldcs(reinterpret_cast<const uint4*>(xr + int64_t(s) * d + c0));
@@ -359,56 +305,28 @@ __device__ void consumer_group(const Params& p, TokenSlot* slots, int gwarp, int
       }
       *reinterpret_cast<uint4*>(yr + c0) = o;
     }
-  }
-}
 
-// Sinkhorn of the comb logits, one token per thread: row softmax + eps, column normalisation, then
-// (iters - 1) x (rows, columns); 4-term sums as (c0 + c1) + (c2 + c3), IEEE divisions.
-__global__ void __launch_bounds__(128) mhc_sinkhorn_kernel(const float* __restrict__ zc, float* __restrict__ comb,
-                                                           int64_t T, int iters, float eps) {
-  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= T) return;
-  float c[16];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(zc + t * 16) + q);
-    c[4 * q] = v.x, c[4 * q + 1] = v.y, c[4 * q + 2] = v.z, c[4 * q + 3] = v.w;
-  }
-  auto sum4 = [](float a, float b, float c_, float d_) { return __fadd_rn(__fadd_rn(a, b), __fadd_rn(c_, d_)); };
-  auto rows = [&]() {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float s = __fadd_rn(sum4(c[4 * i], c[4 * i + 1], c[4 * i + 2], c[4 * i + 3]), eps);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) c[4 * i + j] = __fdiv_rn(c[4 * i + j], s);
+    // Sinkhorn on lanes 16-31: C[i][j] = z[8 + 4 i + j] on lane 16 + 4 i + j
+    float c = __shfl_sync(0xffffffffu, z, (lane - 8) & 31);
+    float m = fmaxf(c, __shfl_xor_sync(0xffffffffu, c, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    float e = expf(__fadd_rn(c, -m));
+    float rs = __fadd_rn(e, __shfl_xor_sync(0xffffffffu, e, 1));
+    rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
+    c = __fadd_rn(__fdiv_rn(e, rs), p.hc_eps);
+    float cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
+    cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
+    c = __fdiv_rn(c, __fadd_rn(cs, p.hc_eps));
+    for (int it = 1; it < p.iters; ++it) {
+      rs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 1));
+      rs = __fadd_rn(rs, __shfl_xor_sync(0xffffffffu, rs, 2));
+      c = __fdiv_rn(c, __fadd_rn(rs, p.hc_eps));
+      cs = __fadd_rn(c, __shfl_xor_sync(0xffffffffu, c, 4));
+      cs = __fadd_rn(cs, __shfl_xor_sync(0xffffffffu, cs, 8));
+      c = __fdiv_rn(c, __fadd_rn(cs, p.hc_eps));
     }
-  };
-  auto cols = [&]() {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float s = __fadd_rn(sum4(c[j], c[4 + j], c[8 + j], c[12 + j]), eps);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) c[4 * i + j] = __fdiv_rn(c[4 * i + j], s);
-    }
-  };
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float m = fmaxf(fmaxf(c[4 * i], c[4 * i + 1]), fmaxf(c[4 * i + 2], c[4 * i + 3]));
-    float e[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) e[j] = expf(__fadd_rn(c[4 * i + j], -m));
-    const float s = sum4(e[0], e[1], e[2], e[3]);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) c[4 * i + j] = __fadd_rn(__fdiv_rn(e[j], s), eps);
+    if (lane >= 16) p.comb[int64_t(t) * 16 + lane - 16] = c;
   }
-  cols();
-  for (int it = 1; it < iters; ++it) {
-    rows();
-    cols();
-  }
-#pragma unroll
-  for (int q = 0; q < 4; ++q)
-    reinterpret_cast<float4*>(comb + t * 16)[q] = make_float4(c[4 * q], c[4 * q + 1], c[4 * q + 2], c[4 * q + 3]);
 }
 
 __global__ void __launch_bounds__(kThreads, 1) mhc_pre_kernel(const Params p) {
@@ -434,12 +352,10 @@ __global__ void __launch_bounds__(kThreads, 1) mhc_pre_kernel(const Params p) {
     }
   }
   __syncthreads();
-  __shared__ TokenSlot slots[kConsumerWarps / 4][2];
   if (warp < kProducerWarps) {
     if (producer_cta) producer(p, fn_s, x_s, warp, lane);
   } else {
-    const int g = (warp - kProducerWarps) / 4;
-    consumer_group(p, slots[g], (warp - kProducerWarps) % 4, lane, 1 + g);
+    consumer(p, lane);
   }
 }
 
@@ -448,8 +364,8 @@ __global__ void __launch_bounds__(kThreads, 1) mhc_pre_kernel(const Params p) {
 int64_t mhc_pre_slice(int64_t K) { return K % 1024 == 0 || K > 4096 ? 1024 : (K > 256 ? 512 : 256); }
 
 void mhc_pre_launch(const void* x, const void* fn, const void* base, const void* scale, void* part, void* cnt,
-                    void* zc, void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps,
-                    double hc_eps, int64_t iters, int device, cudaStream_t stream) {
+                    void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps, double hc_eps,
+                    int64_t iters, int device, cudaStream_t stream) {
   if (T == 0) return;
   Params p;
   p.x = static_cast<const __nv_bfloat16*>(x);
@@ -461,7 +377,6 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   p.y = static_cast<__nv_bfloat16*>(y);
   p.post = static_cast<float*>(post);
   p.comb = static_cast<float*>(comb);
-  p.zc = static_cast<float*>(zc);
   p.pre = static_cast<float*>(pre);
   p.T = T;
   p.d = d;
@@ -476,9 +391,6 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (p.S > sms) throw std::runtime_error("mhc_pre: K / slice exceeds the SM count");
   p.n_a = (sms / p.S) * p.S;
-  // ~24 MB of X between the tokens done and the newest block read (L2: 50 MB on the H100, shared with
-  // the partials and y)
-  p.lag = int(std::max<int64_t>(2, (int64_t(24) << 20) / (kBT * 2 * p.K)));
   const size_t smem = size_t(3) * kNMix * p.KS * 2 + size_t(kProducerWarps) * kStages * kWarpStageBytes;
   static int smem_set[64] = {0};  // per device: the largest dynamic shared memory size allowed so far
   if (device >= 0 && device < 64 && smem_set[device] < int(smem)) {
@@ -487,8 +399,6 @@ void mhc_pre_launch(const void* x, const void* fn, const void* base, const void*
   }
   mhc_pre_kernel<<<sms, kThreads, smem, stream>>>(p);
   check_launch("mhc_pre_kernel");
-  mhc_sinkhorn_kernel<<<unsigned((T + 127) / 128), 128, 0, stream>>>(p.zc, p.comb, T, p.iters, p.hc_eps);
-  check_launch("mhc_sinkhorn_kernel");
 }
 
 }  // namespace v4k

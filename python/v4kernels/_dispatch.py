@@ -10,6 +10,7 @@ An op family module (``v4kernels/ops/<family>.py``) declares each op once::
         triton=tri.act_quant_fp8,      # optional Triton implementation
         cuda=_cuda_impl,               # optional v4kernels._C (sm_90a) implementation
         cuda_supported=lambda *a, **k: True,   # optional: inputs the CUDA kernel handles
+        cuda_preferred=lambda *a, **k: True,   # optional: inputs where "auto" picks it (default: all supported)
     )
 
 This defines ``torch.ops.v4kernels.act_quant_fp8`` with that schema (``torch.library.Library``,
@@ -20,7 +21,8 @@ the op overload packet. Every schema ends with the keyword-only ``str? backend=N
 Backend choice, first match wins:
   1. the ``backend=`` argument ("reference", "triton", "cuda" or "auto");
   2. the environment variable ``V4K_BACKEND`` (same values; read at each call);
-  3. "auto": on CUDA tensors the CUDA kernel if built, on sm_90 and ``cuda_supported``, else Triton
+  3. "auto": on CUDA tensors the CUDA kernel if built, on sm_90, ``cuda_supported`` and ``cuda_preferred``
+     (where it is the faster kernel), else Triton
      if the op has it, else the reference; on CPU tensors the reference.
 A forced backend that cannot run raises ``NotImplementedError`` (never a silent fallback), except
 that a forced "cuda" on an op without a CUDA kernel uses Triton (so the whole suite can be run with
@@ -56,6 +58,7 @@ class OpDef:
     triton: Optional[Callable] = None
     cuda: Optional[Callable] = None
     cuda_supported: Optional[Callable] = None
+    cuda_preferred: Optional[Callable] = None
     last_backend: Optional[str] = field(default=None, repr=False)  # for tests: what ran last
 
     def backends(self) -> tuple:
@@ -70,7 +73,8 @@ class OpDef:
         if want == "auto":
             if not on_cuda:
                 return "reference"
-            if self._cuda_ok(device, args, kwargs):
+            if self._cuda_ok(device, args, kwargs) and (
+                    self.cuda_preferred is None or bool(self.cuda_preferred(*args, **kwargs))):
                 return "cuda"
             return "triton" if self.triton is not None else "reference"
         if want == "cuda":
@@ -144,6 +148,7 @@ def define_op(
     triton: Optional[Callable] = None,
     cuda: Optional[Callable] = None,
     cuda_supported: Optional[Callable] = None,
+    cuda_preferred: Optional[Callable] = None,
 ):
     """Define ``torch.ops.v4kernels.<name>`` from ``schema`` and its implementations (module doc)."""
     name = schema.split("(", 1)[0].strip()
@@ -151,7 +156,7 @@ def define_op(
         raise ValueError(f"define_op({name}): schema must end with '*, str? backend=None'")
     if name in OPS:
         raise RuntimeError(f"define_op: v4kernels::{name} is defined twice")
-    op = OpDef(name, schema, reference, fake, check, triton, cuda, cuda_supported)
+    op = OpDef(name, schema, reference, fake, check, triton, cuda, cuda_supported, cuda_preferred)
     _LIB.define(schema)
     impl = _make_impl(op)
     _LIB.impl(name, impl, "CPU")

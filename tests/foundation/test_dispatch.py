@@ -81,3 +81,20 @@ def test_kernel_backends_lists_what_can_run():
 def test_cuda_extension_loads_on_gpu():
     assert v4kernels.cuda_extension_loaded(), v4kernels._ext.cuda_extension_error()
     assert "cuda" in kernel_backends("act_quant_fp8")
+
+
+def test_auto_takes_cuda_only_where_preferred(monkeypatch):
+    """cuda_preferred narrows what "auto" sends to the CUDA kernel; a forced "cuda" needs only cuda_supported."""
+    from v4kernels._dispatch import OpDef
+
+    monkeypatch.delenv("V4K_BACKEND", raising=False)
+    noop = lambda *a, **k: None  # noqa: E731
+    op = OpDef("fake_op", "", reference=noop, fake=noop, triton=noop, cuda=noop,
+               cuda_supported=lambda n: n > 0, cuda_preferred=lambda n: n >= 512)
+    monkeypatch.setattr(OpDef, "_cuda_ok", lambda self, d, a, k: bool(self.cuda_supported(*a, **k)))
+    dev = torch.device("cuda")  # a device object only: select() decides from it without touching a GPU
+    assert op.select(None, dev, (1024,), {}) == "cuda"
+    assert op.select(None, dev, (8,), {}) == "triton"
+    assert op.select("cuda", dev, (8,), {}) == "cuda"
+    with pytest.raises(NotImplementedError):
+        op.select("cuda", dev, (0,), {})

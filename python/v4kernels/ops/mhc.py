@@ -12,6 +12,9 @@ Bitwise equal:
     the reference (and as the model's ``torch.sum(..., dim=stream)`` on the CPU).
   * ``y`` of ``mhc_pre`` / ``mhc_head`` *given the same pre weights*: ``bf16(((p0 X0 + p1 X1) + p2 X2) + p3 X3)``,
     same argument. The tests check it against ``reference.weighted_sum(x, pre_kernel)``.
+The CUDA kernel of ``mhc_pre`` (csrc/mhc/mhc_pre.cu; bf16 streams, backend "auto" takes it for
+T >= 512) has the same properties: y bitwise given its pre, weights within the tolerance below,
+slices fixed by d (a token's outputs do not depend on T), repeated calls bitwise equal.
 Within a tolerance (not bitwise):
   * ``pre`` (hence ``y``), ``post`` and ``comb``. They are functions of the 24 logits
     ``mix = (fn @ flatten(x)) * rsqrt(mean(x^2) + eps)``, i.e. of dot products 4d = 16384 / 28672
@@ -107,6 +110,7 @@ mhc_pre_op = define_op(
     triton=tri.mhc_pre,
     cuda=cu.mhc_pre,  # one-pass warp-specialized sm_90a kernel (bf16 streams)
     cuda_supported=cu.pre_supported,
+    cuda_preferred=cu.pre_preferred,  # T >= 512; below, the Triton split-K path
 )
 
 mhc_post_op = define_op(
