@@ -201,6 +201,27 @@ def test_benchmarks_md_takes_each_family_from_the_newest_run_that_measured_it(tm
     assert text.count("### quant") == 1 and text.count("### gemm") == 1
 
 
+def test_benchmarks_md_keeps_each_gpu_apart(tmp_path):
+    """A newer run on another GPU does not replace a family's run on the first GPU: one section each."""
+    h100 = _fake_data()
+    h100["tag"], h100["environment"]["gpu"] = "h100run", "NVIDIA H100 80GB HBM3"
+    h100["environment"]["date"] = "2026-01-01T00:00:00+00:00"
+    h200 = _fake_data()
+    h200["tag"], h200["environment"]["gpu"] = "h200run", "NVIDIA H200"
+    h200["environment"]["date"] = "2026-02-01T00:00:00+00:00"
+    h200["rows"] = [r for r in h200["rows"] if r["family"] == "quant"]
+    paths = []
+    for d in (h200, h100):
+        paths.append(str(tmp_path / f"{d['tag']}.json"))
+        report.write_json(d, paths[-1])
+    out = tmp_path / "BENCHMARKS.md"
+    assert report.main(paths + ["--benchmarks-md", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("### quant") == 2 and text.count("### gemm") == 1
+    assert text.index("## Run `h100run`") < text.index("## Run `h200run`")  # the first GPU measured leads
+    assert "| quant | [`h200run`]" in text and "| quant | [`h100run`]" in text
+
+
 def test_runner_without_gpu_exits_zero():
     if torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU")
