@@ -260,3 +260,14 @@ def test_runner_records_failing_module(tmp_path, monkeypatch):
     assert "deliberate failure" in data["failures"][0]["error"]
     assert len(data["rows"]) == 1 and data["rows"][0]["family"] == "zz"
     assert (tmp_path / "run.md").exists()
+
+
+def test_best_backend_is_judged_on_the_shapes_with_a_target():
+    """A backend meant for large shapes (slower on the small ones, where no target applies) is the best."""
+    def row(backend, n, t, target):
+        return {"family": "f", "op": "o", "backend": backend, "shape": {"n": n}, "time_us": t,
+                "target_pct": 85.0 if target else None}
+    rows = [row("triton", 1, 10.0, False), row("cuda", 1, 30.0, False),
+            row("triton", 4096, 100.0, True), row("cuda", 4096, 80.0, True)]
+    assert report._best_backend(rows) == "cuda"
+    assert report._best_backend([dict(r, target_pct=None) for r in rows]) == "triton"  # no targets: all shapes
