@@ -21,9 +21,9 @@
 //   producers' reads are still in L2) and the 20 Sinkhorn iterations on lanes 16-31 (C[i][j] on lane
 //   16 + 4i + j: rows by xor 1/2 shuffles, columns by xor 4/8).
 // Measured (H100, scripts/profile_mhc.py): 45-51% of the copy bandwidth at T >= 8192, 28-34% at
-// T = 1024; 9-22% faster than the Triton streaming kernel at T = 1024 .. 65536 (both widths; bench_mhc, CUDA graphs). ncu
-// (d = 4096, T = 8192): DRAM 69% busy but an L2 hit rate of 23%: the producers run ahead of the
-// consumers and X is read twice. Tried and reverted (commits c8f4802, 69da2af): pacing the producers to
+// T = 1024; 9-22% faster than the Triton streaming kernel at T = 1024 .. 65536 (both widths;
+// bench_mhc, CUDA graphs). ncu (d = 4096, T = 8192): DRAM 69% busy but an L2 hit rate of 23%: the
+// producers run ahead of the consumers and X is read about 1.8 times. Tried and reverted (commits c8f4802, 69da2af): pacing the producers to
 // ~24 MB of X ahead of the tokens done, with consumer groups of 4 warps per token (fewer tokens in
 // flight), nine independent MMA chains and the next token's weights prepared ahead: L2 hit rate 38%,
 // +11% at d = 4096, T = 65536, but slower at T = 1024 and at d = 7168. Open: find what bounds the
