@@ -38,7 +38,8 @@ def main() -> int:
     ap.add_argument("--widths", default="4096,7168")
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true",
-                    help="for a profiler (ncu -k regex:_mhc_stream): the streaming kernel once")
+                    help="for a profiler: one call (ncu -k regex:_mhc_stream for triton, regex:mhc_pre_kernel for cuda)")
+    ap.add_argument("--backend", default="triton", choices=("triton", "cuda"), help="the kernel --once runs")
     args = ap.parse_args()
     dev = torch.device("cuda")
     if args.once:
@@ -46,7 +47,11 @@ def main() -> int:
         x = torch.randn(T, 4, d, device=dev).to(torch.bfloat16)
         fn = torch.randn(24, 4 * d, device=dev) * (2 / math.sqrt(4 * d))
         base, scale = torch.randn(24, device=dev), torch.randn(3, device=dev)
-        tri.mhc_pre(x, fn, base, scale, stream=True)
+        if args.backend == "cuda":
+            from v4kernels.ops import mhc as ops
+            ops.mhc_pre(x, fn, base, scale, backend="cuda")  # through the op: it loads v4kernels._C
+        else:
+            tri.mhc_pre(x, fn, base, scale, stream=True)
         torch.cuda.synchronize()
         return 0
     lines = []
