@@ -8,8 +8,8 @@ Backends: the eager float32 reference (through the op), torch.compile of the ref
 and the kernels that can run here (mhc_head: the kernels only). Before timing, each kernel's output
 is checked against the reference on one input (mhc_post bitwise; mhc_pre / mhc_head within the
 V4-width tolerance stated in ops/mhc.py, the measured deviations in the row's note); a mismatch is
-noted on the row, not fatal. The 85% target applies
-to T >= 1024 (smaller T is latency-bound: at T = 1 the op reads 1.5 MB of fn for 32 KB of X).
+noted on the row, not fatal. The 85% target applies to T >= 1024 (smaller T is latency-bound: at
+T = 1 the op reads 1.5 MB of fn for 32 KB of X).
 """
 from __future__ import annotations
 

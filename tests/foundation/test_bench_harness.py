@@ -182,44 +182,36 @@ def test_summary_and_benchmarks_md(tmp_path):
     assert "broken" in text
 
 
-def test_benchmarks_md_takes_each_family_from_the_newest_run_that_measured_it(tmp_path):
-    old = _fake_data()
-    old["tag"] = "old"
-    old["environment"]["date"] = "2026-01-01T00:00:00+00:00"
-    new = _fake_data()
-    new["tag"] = "new"
-    new["environment"]["date"] = "2026-02-01T00:00:00+00:00"
-    new["rows"] = [r for r in new["rows"] if r["family"] == "quant"]
-    paths = []
-    for d in (old, new):
-        paths.append(str(tmp_path / f"{d['tag']}.json"))
-        report.write_json(d, paths[-1])
+def _benchmarks_md_of_two_runs(tmp_path, old_gpu="test", new_gpu="test"):
+    """BENCHMARKS.md of two fake runs: ``old`` (2026-01, every family) and ``new`` (2026-02, quant only);
+    the newer run's JSON is passed first."""
+    runs = []
+    for tag, gpu, date in (("new", new_gpu, "2026-02-01"), ("old", old_gpu, "2026-01-01")):
+        d = _fake_data()
+        d["tag"] = tag
+        d["environment"]["gpu"] = gpu
+        d["environment"]["date"] = f"{date}T00:00:00+00:00"
+        if tag == "new":
+            d["rows"] = [r for r in d["rows"] if r["family"] == "quant"]
+        runs.append(str(tmp_path / f"{tag}.json"))
+        report.write_json(d, runs[-1])
     out = tmp_path / "BENCHMARKS.md"
-    assert report.main(paths + ["--benchmarks-md", str(out)]) == 0
-    text = out.read_text()
+    assert report.main(runs + ["--benchmarks-md", str(out)]) == 0
+    return out.read_text()
+
+
+def test_benchmarks_md_takes_each_family_from_the_newest_run_that_measured_it(tmp_path):
+    text = _benchmarks_md_of_two_runs(tmp_path)
     assert "## Run `new`: quant" in text and "## Run `old`: gemm" in text
     assert text.count("### quant") == 1 and text.count("### gemm") == 1
 
 
 def test_benchmarks_md_keeps_each_gpu_apart(tmp_path):
     """A newer run on another GPU does not replace a family's run on the first GPU: one section each."""
-    h100 = _fake_data()
-    h100["tag"], h100["environment"]["gpu"] = "h100run", "NVIDIA H100 80GB HBM3"
-    h100["environment"]["date"] = "2026-01-01T00:00:00+00:00"
-    h200 = _fake_data()
-    h200["tag"], h200["environment"]["gpu"] = "h200run", "NVIDIA H200"
-    h200["environment"]["date"] = "2026-02-01T00:00:00+00:00"
-    h200["rows"] = [r for r in h200["rows"] if r["family"] == "quant"]
-    paths = []
-    for d in (h200, h100):
-        paths.append(str(tmp_path / f"{d['tag']}.json"))
-        report.write_json(d, paths[-1])
-    out = tmp_path / "BENCHMARKS.md"
-    assert report.main(paths + ["--benchmarks-md", str(out)]) == 0
-    text = out.read_text()
+    text = _benchmarks_md_of_two_runs(tmp_path, old_gpu="NVIDIA H100 80GB HBM3", new_gpu="NVIDIA H200")
     assert text.count("### quant") == 2 and text.count("### gemm") == 1
-    assert text.index("## Run `h100run`") < text.index("## Run `h200run`")  # the first GPU measured leads
-    assert "| quant | [`h200run`]" in text and "| quant | [`h100run`]" in text
+    assert text.index("## Run `old`") < text.index("## Run `new`")  # the first GPU measured leads
+    assert "| quant | [`new`]" in text and "| quant | [`old`]" in text
 
 
 def test_runner_without_gpu_exits_zero():
