@@ -17,7 +17,8 @@ at batch 1 the host launch overhead is part of what is measured):
   ``model_ref.cache.manager_bytes`` says its caches fit in the free GPU memory (else a failed row
   says how much it needs). Kernel rows carry the minimum bytes of a step (weights
   touched + cache rows read, ``_decode_bytes``) for % of the HBM roofline.
-Backends: ``kernels`` (model_ref, backend auto: CUDA > Triton > reference per op), ``reference``
+Backends: ``kernels`` (model_ref, backend auto: CUDA > Triton > reference per op), ``kernels_graph``
+(decode only, on a GPU: the same step replayed from a CUDA graph, model_ref/graph.py), ``reference``
 (model_ref, float32 references of every op; 4K context only, it is slow), ``torch_bf16`` (the ANCHORS
 baseline: ``DenseMaskSlice`` below, an eager bf16 PyTorch implementation with dense masked attention
 over all tokens; at 4K and 64K).
@@ -371,14 +372,22 @@ def _prefill_chunk(model, cfg, context, n_new, gen, reps):
     return t
 
 
-def _decode(model, cfg, context, batch, gen, warm, steps):
-    """Median seconds of a decode step of ``batch`` sequences at ``context`` (synthetic history)."""
+def _decode(model, cfg, context, batch, gen, warm, steps, graph=False):
+    """Median seconds of a decode step of ``batch`` sequences at ``context`` (synthetic history);
+    ``graph``: steps replayed from a CUDA graph (model_ref/graph.py; the first warm step captures)."""
     ids = list(range(batch))
     for s in ids:
         model.new_sequence(s)
         _fill_history(model, s, context, gen)
     toks = _tokens(cfg, batch, gen)
-    times = [_wall(lambda: model.decode(ids, toks), model.device) for _ in range(warm + steps)][warm:]
+    if graph:
+        from v4kernels.model_ref.graph import DecodeGraph
+
+        g = DecodeGraph(model, ids)
+        step = lambda: g.step(toks)  # noqa: E731
+    else:
+        step = lambda: model.decode(ids, toks)  # noqa: E731
+    times = [_wall(step, model.device) for _ in range(warm + steps)][warm:]
     for s in ids:
         model.release(s)
     return statistics.median(times)
@@ -491,8 +500,17 @@ def run(ctx):
                     ctx.log(f"[bench] model {label} decode C={C} B={B}: {t * 1e3:.2f} ms/step")
                 except Exception as exc:
                     ctx.record_failure(FAMILY, "decode", label, {**shape0, **shape}, exc)
-                finally:
-                    m = None
+                    m = None  # sequences may be left allocated: a fresh model below
+                if not ref and dev.type == "cuda":  # the same step replayed from a CUDA graph
+                    try:
+                        m = m if m is not None else _model(cfg, w, dev, backend, C, B)
+                        t = _decode(m, cfg, C, B, gen, 2, ctx.pick(full=20, quick=10, cpu=2), graph=True)
+                        rec("decode", "kernels_graph", shape, t, note=f"{B / t:,.0f} tokens/s",
+                            bytes=_decode_bytes(cfg, C, B), bound="hbm", target_note=anchor_note)
+                        ctx.log(f"[bench] model kernels_graph decode C={C} B={B}: {t * 1e3:.3f} ms/step")
+                    except Exception as exc:
+                        ctx.record_failure(FAMILY, "decode", "kernels_graph", {**shape0, **shape}, exc)
+                m = None
         release_derived()  # the stacked experts / fp32 head of this path
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -538,7 +556,7 @@ def _summary(ctx):
     """Log kernels vs baselines side by side (the rows carry the same as speedup_vs_*)."""
     rows = [r for r in ctx.rows if r["family"] == FAMILY and r.get("time_us")]
     for r in rows:
-        if r["backend"] != "kernels":
+        if r["backend"] not in ("kernels", "kernels_graph"):
             continue
         sp = {b: r.get(f"speedup_vs_{b}") for b in ("reference", "torch_bf16") if r.get(f"speedup_vs_{b}")}
         if sp:

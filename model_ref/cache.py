@@ -86,6 +86,8 @@ class CacheManager:
         self._slots: Dict[int, int] = {}
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self._lengths: Dict[int, int] = {}
+        self._alloc_ids: Dict[int, int] = {}  # seq_id -> allocation number (tells a reallocated id apart)
+        self._n_allocs = 0
         pages = lambda n_rows: max_seqs * (-(-n_rows // page_size)) + 1  # noqa: E731
         self.layers: List[LayerCaches] = []
         dense = numerics == "dense"
@@ -121,6 +123,8 @@ class CacheManager:
         slot = self._free_slots.pop()
         self._slots[seq_id] = slot
         self._lengths[seq_id] = 0
+        self._n_allocs += 1
+        self._alloc_ids[seq_id] = self._n_allocs
         idx = torch.tensor([slot], device=self.device)
         for lc in self.layers:
             if lc.state_kv is not None:
@@ -132,6 +136,7 @@ class CacheManager:
     def release(self, seq_id: int) -> None:
         slot = self._slots.pop(seq_id)
         self._lengths.pop(seq_id, None)
+        self._alloc_ids.pop(seq_id, None)
         self._free_slots.append(slot)
         for lc in self.layers:
             for c in (lc.window, lc.compressed, lc.indexer):
@@ -143,6 +148,29 @@ class CacheManager:
 
     def length(self, seq_id: int) -> int:
         return self._lengths[seq_id]
+
+    def allocation_id(self, seq_id: int) -> int:
+        """A number unique to this allocation of ``seq_id`` (None once released): a sequence id
+        released and allocated again gets a new one."""
+        return self._alloc_ids.get(seq_id)
+
+    def max_pages(self, layer_id: int) -> Dict[str, int]:
+        """Block-table width per paged cache of a layer that holds any sequence at ``max_context``."""
+        lc, ps = self.layers[layer_id], self.page_size
+        if lc.window is None:
+            return {}
+        out = {"window": -(-(self.window_ring or self.max_context) // ps)}
+        if lc.compressed is not None:
+            out["compressed"] = -(-(self.max_context // lc.ratio) // ps)
+        if lc.indexer is not None:
+            out["indexer"] = -(-(self.max_context // 4) // ps)
+        return out
+
+    def paged(self, layer_id: int) -> Dict[str, F.PagedCache]:
+        """The paged caches of a layer by block-table name (window, compressed, indexer)."""
+        lc = self.layers[layer_id]
+        named = {"window": lc.window, "compressed": lc.compressed, "indexer": lc.indexer}
+        return {k: c for k, c in named.items() if c is not None}
 
     def check_length(self, seq_id: int, new_len: int) -> None:
         """Raise ValueError if sequence ``seq_id`` cannot grow to ``new_len`` tokens."""
@@ -163,15 +191,9 @@ class CacheManager:
         self._lengths[seq_id] = new_len
 
     def block_tables(self, layer_id: int, seq_ids: List[int]) -> Dict[str, torch.Tensor]:
-        lc = self.layers[layer_id]
-        if lc.window is None:
-            return {}  # dense caches are addressed by state slot
-        out = {"window": lc.window.block_table(seq_ids)}
-        if lc.compressed is not None:
-            out["compressed"] = lc.compressed.block_table(seq_ids)
-        if lc.indexer is not None:
-            out["indexer"] = lc.indexer.block_table(seq_ids)
-        return out
+        """Block tables of a layer's paged caches for ``seq_ids`` (as wide as the longest sequence);
+        empty for dense caches (addressed by state slot)."""
+        return {k: c.block_table(seq_ids) for k, c in self.paged(layer_id).items()}
 
     # ------------------------------------------------------------------ sizes
     def bytes_per_token(self, context: int) -> float:

@@ -54,7 +54,7 @@ class Batch:
     """One forward step: ``lens[b]`` new tokens of sequence ``seq_ids[b]`` starting at ``starts[b]``."""
 
     seq_ids: List[int]
-    starts: List[int]
+    starts: List[int]  # host copies, read by the dense path only (empty in a graph.py batch)
     lens: List[int]
     tokens: torch.Tensor  # int64 [T], sequence-major
     cu_seqlens: torch.Tensor  # int32 [B+1]
@@ -64,6 +64,9 @@ class Batch:
     tok_seq: torch.Tensor  # int32 [T], batch row of each token
     slots: torch.Tensor  # int32 [B], compressor state slots
     is_decode: bool
+    # per layer {cache name: int32 [B, pages]}; None: built from the CacheManager at each layer
+    # (graph.py passes fixed-width device tables that it keeps up to date itself)
+    block_tables: Optional[List[Dict[str, torch.Tensor]]] = None
 
     @property
     def num_tokens(self) -> int:
@@ -191,6 +194,23 @@ class Transformer:
 
     def make_batch(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]) -> Batch:
         """New tokens for each sequence, appended at its current length (reserves pages)."""
+        starts, lens, toks = self.reserve_batch(seq_ids, token_lists)
+        dev = self.device
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        positions = [st + j for st, n in zip(starts, lens) for j in range(n)]
+        tok_seq = [b for b, n in enumerate(lens) for _ in range(n)]
+        i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
+        return Batch(
+            list(seq_ids), starts, lens, torch.tensor(toks, dtype=torch.int64, device=dev), i32(cu),
+            i32([st + n for st, n in zip(starts, lens)]), i32(starts), i32(positions), i32(tok_seq),
+            i32([self.caches.slot(s) for s in seq_ids]), all(n == 1 for n in lens),
+        )
+
+    def reserve_batch(self, seq_ids: Sequence[int], token_lists: Sequence[Sequence[int]]):
+        """Check a batch and grow its sequences (pages reserved, lengths advanced), on the host only:
+        returns (starts, lens, flat token list). A rejected batch leaves the caches as they were."""
         if len(seq_ids) != len(token_lists):
             raise ValueError(f"token_lists: expected {len(seq_ids)} lists, got {len(token_lists)}")
         starts, lens, toks = [], [], []
@@ -212,18 +232,7 @@ class Transformer:
             self.caches.check_length(s, st + n)
         for s, st, n in zip(seq_ids, starts, lens):
             self.caches.reserve(s, st + n)
-        dev = self.device
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
-        positions = [st + j for st, n in zip(starts, lens) for j in range(n)]
-        tok_seq = [b for b, n in enumerate(lens) for _ in range(n)]
-        i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=dev)  # noqa: E731
-        return Batch(
-            list(seq_ids), starts, lens, torch.tensor(toks, dtype=torch.int64, device=dev), i32(cu),
-            i32([st + n for st, n in zip(starts, lens)]), i32(starts), i32(positions), i32(tok_seq),
-            i32([self.caches.slot(s) for s in seq_ids]), all(n == 1 for n in lens),
-        )
+        return starts, lens, toks
 
     # ------------------------------------------------------------------ attention sub-layer
     def _attention(self, lid: int, x: torch.Tensor, bt: Dict[str, torch.Tensor], batch: Batch, plan) -> torch.Tensor:
@@ -399,7 +408,8 @@ class Transformer:
     # ------------------------------------------------------------------ block
     def _block(self, lid: int, X: torch.Tensor, batch: Batch, plan) -> torch.Tensor:
         p, be, cfg = self._prefix(lid), self.backend, self.cfg
-        bt = self.caches.block_tables(lid, batch.seq_ids)
+        bt = batch.block_tables[lid] if batch.block_tables is not None else \
+            self.caches.block_tables(lid, batch.seq_ids)
         hc = dict(norm_eps=cfg.norm_eps, hc_eps=cfg.hc_eps, sinkhorn_iters=cfg.hc_sinkhorn_iters, backend=be)
         with self.timer("mhc"):
             y, post, comb = mhc_ops.mhc_pre(X, self.w[p + "hc_attn_fn"], self.w[p + "hc_attn_base"],

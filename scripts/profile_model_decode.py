@@ -4,7 +4,9 @@ history, kernel path (backend auto).
 
     python scripts/profile_model_decode.py [--contexts 4096,65536] [--steps 5] [--out DIR]
 
-Prints, per context: the step's wall time; model_ref's own per-family timer (it synchronizes around
+Prints, per context: the step's wall time, eager and replayed from a CUDA graph (model_ref/graph.py);
+the host synchronizations of one eager step (``torch.cuda.set_sync_debug_mode``: each call site in
+v4kernels / model_ref, with its count); model_ref's own per-family timer (it synchronizes around
 each region, so its sum exceeds the unsynchronized step); and a torch.profiler table of two steps:
 kernel launches per step, GPU busy time vs wall time (a step far longer than its GPU time is bound by
 the host: Python, launch overhead, syncs), the top CUDA kernels and the top host-side ops.
@@ -26,6 +28,31 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench import bench_model as BM  # noqa: E402
 
 
+def _sync_sites(fn) -> dict:
+    """{innermost v4kernels / model_ref frame of each host synchronization in fn(): count}
+    (torch.cuda.set_sync_debug_mode("warn") warns at each; the Python stack is taken in showwarning)."""
+    import traceback
+    import warnings
+
+    stacks = []
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: stacks.append(traceback.extract_stack())
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    sites = {}
+    for st in stacks:
+        mine = [f for f in st if ("v4kernels" in f.filename or "model_ref" in f.filename)
+                and "profile_model_decode" not in f.filename]
+        key = f"{mine[-1].filename.split('python/')[-1]}:{mine[-1].lineno} {mine[-1].line}" if mine else "?"
+        sites[key] = sites.get(key, 0) + 1
+    return sites
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="4096,65536")
@@ -37,6 +64,7 @@ def main() -> int:
         return 2
     from torch.profiler import ProfilerActivity, profile
 
+    from v4kernels.model_ref.graph import DecodeGraph
     from v4kernels.model_ref.weights import init_weights
 
     buf = io.StringIO()
@@ -59,6 +87,19 @@ def main() -> int:
             m.decode([0], tok)
         walls = [BM._wall(lambda: m.decode([0], tok), dev) for _ in range(args.steps)]
         say(f"\n=== context {C}: decode step {statistics.median(walls) * 1e3:.2f} ms (median of {args.steps})")
+        sites = _sync_sites(lambda: m.decode([0], tok))
+        say(f"host synchronizations in one eager step: {sum(sites.values())}")
+        for site, n in sorted(sites.items(), key=lambda kv: -kv[1]):
+            say(f"  {n:3d}  {site}")
+        g = DecodeGraph(m, [0])
+        try:
+            g.step(tok)  # eager first step, then capture
+            gw = [BM._wall(lambda: g.step(tok), dev) for _ in range(args.steps)]
+            say(f"CUDA-graph decode step {statistics.median(gw) * 1e3:.3f} ms (median of {args.steps}; "
+                f"{statistics.median(walls) / statistics.median(gw):.1f}x the eager step)")
+        except Exception as exc:  # report and go on with the eager profile
+            say(f"CUDA-graph decode failed: {type(exc).__name__}: {exc}")
+        del g
         m.timer.enabled = True
         m.timer.totals.clear()
         for _ in range(args.steps):

@@ -186,6 +186,7 @@ class PagedCache:
     data: torch.Tensor = field(init=False)
     _free: List[int] = field(init=False, repr=False)
     _pages: Dict[int, List[int]] = field(init=False, repr=False)
+    version: int = field(init=False, default=0)  # +1 whenever a sequence gains pages (for block-table mirrors)
 
     def __post_init__(self):
         if self.page_size < 1:
@@ -200,8 +201,12 @@ class PagedCache:
     def num_rows(self) -> int:
         return self.num_pages * self.page_size
 
-    def pages_of(self, seq_id: int) -> List[int]:
-        return list(self._pages.get(seq_id, []))
+    def pages_of(self, seq_id: int, start: int = 0) -> List[int]:
+        """The pages of ``seq_id`` from its ``start``-th on (a copy), in logical order."""
+        return list(self._pages.get(seq_id, [])[start:])
+
+    def page_count(self, seq_id: int) -> int:
+        return len(self._pages.get(seq_id, ()))
 
     def reserve(self, seq_id: int, num_tokens: int) -> None:
         """Make sure ``seq_id`` owns pages for positions [0, num_tokens)."""
@@ -213,6 +218,8 @@ class PagedCache:
             )
         for _ in range(max(0, need)):
             pages.append(self._free.pop())
+        if need > 0:
+            self.version += 1
 
     def release(self, seq_id: int) -> None:
         for p in reversed(self._pages.pop(seq_id, [])):

@@ -141,7 +141,7 @@ def _fake_group(topk_ids, num_experts, pad_multiple=1):
     )
 
 
-# The grouping is integer bookkeeping (stable sort, bincount, cumsum, scatter) with exact results
+# The grouping is integer bookkeeping (stable sort, scatter-add counts, cumsum, scatter) with exact results
 # on every device and no host synchronisation; its GPU path is these same tensor ops.
 moe_group_op = define_op(
     "moe_group(Tensor topk_ids, int num_experts, int pad_multiple=1, *, str? backend=None) -> (Tensor, Tensor, Tensor)",

@@ -115,7 +115,7 @@ def moe_group(topk_ids: torch.Tensor, num_experts: int, pad_multiple: int = 1):
         of pad_multiple; its first count_e rows are real, the rest empty.
       pair_rows int32 [T, k]: grouped row of each pair (-1 when dropped). Increasing row order within
         a token is increasing expert order.
-    Pure integer tensor ops (sort, bincount, cumsum, scatter): no host synchronisation.
+    Pure integer tensor ops (sort, scatter-add counts, cumsum, scatter): no host synchronisation.
     """
     T, k = topk_ids.shape
     E, p = num_experts, pad_multiple
@@ -126,7 +126,9 @@ def moe_group(topk_ids: torch.Tensor, num_experts: int, pad_multiple: int = 1):
     valid = (flat >= 0) & (flat < E)
     key = torch.where(valid, flat, torch.full_like(flat, E))  # dropped pairs sort last
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=E + 1)[: E + 1]
+    # scatter_add, not torch.bincount: CUDA bincount reads the max on the host (a sync, and no
+    # CUDA-graph capture); integer adds are exact in any order
+    counts = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
     counts[E] = 0
     padded = (counts + p - 1) // p * p
     off = torch.zeros(E + 2, dtype=torch.long, device=dev)
