@@ -129,7 +129,7 @@ def moe_group(topk_ids: torch.Tensor, num_experts: int, pad_multiple: int = 1):
     # scatter_add, not torch.bincount: CUDA bincount reads the max on the host (a sync, and no
     # CUDA-graph capture); integer adds are exact in any order
     counts = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))
-    counts[E] = 0
+    counts[E:].zero_()  # not counts[E] = 0: a host scalar copied in (no CUDA-graph capture)
     padded = (counts + p - 1) // p * p
     off = torch.zeros(E + 2, dtype=torch.long, device=dev)
     off[1:] = torch.cumsum(padded, 0)
