@@ -28,6 +28,8 @@ def _parse(argv):
     d.add_argument("--check-tokens", type=int, default=1024,
                    help="prompt tokens per sequence in the reference-path validation (default 1024)")
     d.add_argument("--no-check", action="store_true", help="skip the reference-path validation")
+    d.add_argument("--no-graph", action="store_true",
+                   help="decode eagerly (default on a GPU with reference numerics: steps replayed from a CUDA graph)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", default=None)
     args = ap.parse_args(argv)

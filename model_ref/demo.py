@@ -44,9 +44,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _run(cfg, weights, device, backend, prompts, steps, moe_mode, numerics, timed=False, forced=None):
-    """Prefill + ``steps`` decode steps (greedy, or the tokens of ``forced[step]``). Returns
-    (logits per step: [B, vocab] each, decoded tokens per step, prefill s, decode s, stats)."""
+def _run(cfg, weights, device, backend, prompts, steps, moe_mode, numerics, timed=False, forced=None,
+         graph=False):
+    """Prefill + ``steps`` decode steps (greedy, or the tokens of ``forced[step]``); ``graph``: the
+    decode steps replayed from a CUDA graph (graph.py; the first step runs eagerly and captures, so
+    the decode time covers the steps after it). Returns (logits per step: [B, vocab] each, decoded
+    tokens per step, prefill s, decode s, timed decode steps, stats)."""
+    from .graph import DecodeGraph
     from .model import Transformer
 
     ctx = max(len(p) for p in prompts) + steps + 1
@@ -62,19 +66,24 @@ def _run(cfg, weights, device, backend, prompts, steps, moe_mode, numerics, time
     _sync(device)
     t_prefill = time.perf_counter() - t0
     tokens = []
-    t0 = time.perf_counter()
-    for step in _progress(range(steps), steps, f"decode ({backend or 'auto'})"):
+    g = DecodeGraph(model, ids) if graph and steps else None
+    t0, timed_steps = time.perf_counter(), steps
+    for step in _progress(range(steps), steps, f"decode ({backend or 'auto'}{', CUDA graph' if g else ''})"):
         nxt = forced[step] if forced is not None else logits[-1].argmax(-1).tolist()
         tokens.append(nxt)
-        logits.append(model.decode(ids, nxt))
+        logits.append(g.step(nxt) if g else model.decode(ids, nxt))
+        if g and step == 0 and steps > 1:  # eager step + capture: not timed
+            _sync(device)
+            t0, timed_steps = time.perf_counter(), steps - 1
     _sync(device)
     t_decode = time.perf_counter() - t0
+    del g
     stats = {"bytes_per_token": model.caches.bytes_per_token, "timer": dict(model.timer.totals),
              "cache_allocated": model.caches.allocated_bytes()}
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return logits, tokens, t_prefill, t_decode, stats
+    return logits, tokens, t_prefill, t_decode, timed_steps, stats
 
 
 def _compare(logits, ref_logits):
@@ -117,16 +126,19 @@ def run_demo(args):
 
     # warm-up on the same shapes (Triton compiles per shape class), then the timed run, then a run
     # timed per op family. On a CPU nothing is compiled (reference ops, or the Triton interpreter).
+    graph = gpu and numerics == "reference" and not args.no_graph
     if gpu:
         t0 = time.perf_counter()
         _run(prompts=prompts, steps=2, **run)
         print(f"warm-up (kernel compilation): {time.perf_counter() - t0:.1f} s")
-    logits, tokens, tp, td, stats = _run(prompts=prompts, steps=steps, **run)
-    _, _, _, _, tstats = _run(prompts=prompts, steps=min(steps, 4), timed=True, forced=tokens, **run)
+    logits, tokens, tp, td, n_td, stats = _run(prompts=prompts, steps=steps, graph=graph, **run)
+    *_, tstats = _run(prompts=prompts, steps=min(steps, 4), timed=True, forced=tokens, **run)
     print(f"\nprefill: {n_prompt} tokens in {tp * 1e3:.1f} ms = {n_prompt / tp:,.0f} tokens/s")
-    if steps:
-        print(f"decode:  {steps} steps x {args.batch} sequences in {td * 1e3:.1f} ms = "
-              f"{td / steps * 1e3:.2f} ms/step, {steps * args.batch / td:,.0f} tokens/s")
+    if n_td:
+        how = (f"replayed from a CUDA graph (steps 2..{steps}; the first runs eagerly and captures)" if graph and
+               n_td < steps else "eager" + (" (one step: nothing replayed)" if graph else ""))
+        print(f"decode:  {n_td} steps x {args.batch} sequences in {td * 1e3:.1f} ms = "
+              f"{td / n_td * 1e3:.2f} ms/step, {n_td * args.batch / td:,.0f} tokens/s, {how}")
     tot = sum(tstats["timer"].values()) or 1.0
     print(f"\ntime per op family (prefill + {min(steps, 4)} decode steps, synchronized around each family):")
     for k, v in sorted(tstats["timer"].items(), key=lambda kv: -kv[1]):
@@ -146,8 +158,8 @@ def run_demo(args):
         # memory-hungry at long prompts), decode teacher-forced with the kernel path's tokens
         t0 = time.perf_counter()
         vp = [p[: args.check_tokens] for p in prompts]
-        k_logits, k_tokens, _, _, _ = _run(prompts=vp, steps=check_steps, **run)
-        ref_logits, _, _, _, _ = _run(prompts=vp, steps=check_steps, forced=k_tokens, **{**run, "backend": "reference"})
+        k_logits, k_tokens, *_ = _run(prompts=vp, steps=check_steps, graph=graph, **run)
+        ref_logits, *_ = _run(prompts=vp, steps=check_steps, forced=k_tokens, **{**run, "backend": "reference"})
         err, cd, agree, total = _compare(k_logits, ref_logits)
         print(f"validation vs the reference path ({len(vp)} prompts of <= {args.check_tokens} tokens: last-position "
               f"logits + {check_steps} teacher-forced decode steps, {total} logit rows, "
