@@ -304,3 +304,50 @@ def test_unchecked_bad_indices_reference_and_kernel_agree(backend, kind, gen, de
     for a, b, what in zip(res[backend], res["reference"], ("cache", "state_kv", "state_score")):
         assert_bitwise_equal(a, b, what)
     assert (res["reference"][0] != 0xFF).any(dim=1).nonzero().flatten().tolist() == [0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,ratio", CONFIGS, ids=CONFIG_IDS)
+def test_cuda_graph_decode_steps(kind, ratio):
+    """The decode op captured once in a CUDA graph, replayed for 2 * ratio + 3 steps with new tokens
+    and positions copied into its inputs (entries emitted inside replays, block ends crossed) == the
+    same steps run eagerly: cache bytes and state bitwise."""
+    dev = torch.device("cuda")
+    g = make_generator(f"cuda-graph-{kind}-{ratio}")
+    pb = problem(kind, ratio, g, dev)
+    B, npg, steps = 3, 24, 2 * ratio + 3
+    start = [0, 5, ratio - 2]
+    slots = i32([1, 0, 2], dev)
+    bt = block_table(B, npg // B, npg, g, dev)
+    toks = [tokens(pb, B, g, dev) for _ in range(steps)]
+    init = random_state(pb, 3, g, dev)
+    eager = (init[0].clone(), init[1].clone(), cache(pb, npg, PS, dev))
+    for s in range(steps):
+        ops.compress_kv_decode(*toks[s], i32([p + s for p in start], dev), eager[0], eager[1], pb.ape, pb.w, pb.cos,
+                               pb.sin, eager[2], bt, PS, ratio, kind, state_slots=slots)
+    skv, ssc, cch = init[0].clone(), init[1].clone(), cache(pb, npg, PS, dev)
+    kv, sc, pos = toks[0][0].clone(), toks[0][1].clone(), i32(start, dev)
+
+    def step():
+        ops.compress_kv_decode(kv, sc, pos, skv, ssc, pb.ape, pb.w, pb.cos, pb.sin, cch, bt, PS, ratio, kind,
+                               state_slots=slots)
+
+    warm = (skv.clone(), ssc.clone(), cch.clone())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation) outside the capture, then undone
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t, w in zip((skv, ssc, cch), warm):
+        t.copy_(w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for s in range(steps):
+        kv.copy_(toks[s][0])
+        sc.copy_(toks[s][1])
+        pos.copy_(i32([p + s for p in start], dev))
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(cch, eager[2]), "cache bytes"
+    assert torch.equal(skv, eager[0]) and torch.equal(ssc, eager[1]), "state"

@@ -80,3 +80,27 @@ def test_gpu_layer_flash_like(mode, T, gen):
     assert calc_diff(out.cpu().float(), want.float()) < 1e-4
     again = _call(ops.moe_forward, x.cuda(), pd, topk=6, route_scale=1.5, mode=mode, backend="triton")
     assert torch.equal(out.view(torch.int16), again.view(torch.int16))  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 5])
+def test_gpu_layer_cuda_graph_capture(T, gen):
+    """The decode-size layer (backend auto: the CUDA decode GEMMs) captured once in a CUDA graph and
+    replayed on new activations copied into its input: each replay == an eager call on the same
+    input, bitwise (routing, grouping and expert counts stay on the device: nothing syncs)."""
+    p = {k: v.cuda() for k, v in _layer(gen, E=32, d=512, inter=256).items()}
+    xs = [activations(gen, T, 512).cuda() for _ in range(3)]
+    static = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the Triton kernels) outside the capture
+        _call(ops.moe_forward, static, p, topk=6, route_scale=1.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _call(ops.moe_forward, static, p, topk=6, route_scale=1.5)
+    for x in xs:
+        static.copy_(x)
+        graph.replay()
+        want = _call(ops.moe_forward, x, p, topk=6, route_scale=1.5)
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
