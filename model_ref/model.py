@@ -153,7 +153,7 @@ class Transformer:
             if p + "attn.wo_a.weight" not in self.w:
                 continue
             self.wo_a[lid] = self._dense_weight(p + "attn.wo_a").view(cfg.o_groups, cfg.o_lora_rank, -1)
-        self.head_w = _derived(self.w["head.weight"], "fp32", lambda: self.w["head.weight"].float())
+        self.head_w = self._fp32("head.weight")
 
     # ------------------------------------------------------------------ helpers
     def _prefix(self, layer_id: int) -> str:
@@ -183,7 +183,13 @@ class Transformer:
         return fp8_linear(x, self.w[name + ".weight"], self.w[name + ".scale"], backend=self.backend)
 
     def _rms(self, x, name):
-        return rms_norm(x, self.w[name].float(), self.cfg.norm_eps, backend=self.backend)
+        return rms_norm(x, self._fp32(name), self.cfg.norm_eps, backend=self.backend)
+
+    def _fp32(self, name: str) -> torch.Tensor:
+        """A weight in fp32, converted once (not at every step: the compressor projections alone would
+        copy ~60 MB per decode step of a CSA+HCA pair of V4-Flash layers)."""
+        w = self.w[name]
+        return _derived(w, "fp32", lambda: w.float())
 
     # ------------------------------------------------------------------ sequences
     def new_sequence(self, seq_id: int) -> None:
@@ -296,7 +302,7 @@ class Transformer:
                 kind=kind, window_page_size=ps, window_ring=self.caches.window_ring,
                 compressed_cache=lc.compressed.data if lc.compressed is not None else None,
                 compressed_block_table=bt.get("compressed"), compressed_page_size=ps,
-                attn_sink=self.w[a + "attn_sink"].float(), rope_cos=cos, rope_sin=sin, plan=plan, backend=be,
+                attn_sink=self._fp32(a + "attn_sink"), rope_cos=cos, rope_sin=sin, plan=plan, backend=be,
             )
             if batch.is_decode:
                 o, _ = attn_ops.sparse_attn_decode(
@@ -342,22 +348,22 @@ class Transformer:
                                      lc.state_kv, lc.state_score, cos, sin)
         with self.timer("attention"):
             return dense.attention(q, pos, tok_slot, lc.dense_window, lc.dense_compressed, cfg.layer_kind(lid),
-                                   indices, self.w[a + "attn_sink"].float(), cos, sin)
+                                   indices, self._fp32(a + "attn_sink"), cos, sin)
 
     def _compress_dense(self, lid, kind, prefix, xf, batch, slots, cache, state_kv, state_score, cos, sin):
-        kv = F_.linear(xf, self.w[prefix + "wkv.weight"].float())
-        score = F_.linear(xf, self.w[prefix + "wgate.weight"].float())
+        kv = F_.linear(xf, self._fp32(prefix + "wkv.weight"))
+        score = F_.linear(xf, self._fp32(prefix + "wgate.weight"))
         ratio = 4 if kind == "indexer" else self.cfg.compress_ratios[lid]
         vals, rows, ids = dense.compress(kv, score, batch.starts, batch.lens, slots, state_kv, state_score,
-                                         self.w[prefix + "ape"], self.w[prefix + "norm.weight"].float(), cos, sin,
+                                         self.w[prefix + "ape"], self._fp32(prefix + "norm.weight"), cos, sin,
                                          ratio, kind)
         dense.write_rows(cache, batch.slots.long()[rows], ids, vals)
 
     def _compress(self, lid, kind, prefix, xf, batch, cache, block_table, state_kv, state_score, cos, sin):
-        kv = F_.linear(xf, self.w[prefix + "wkv.weight"].float())
-        score = F_.linear(xf, self.w[prefix + "wgate.weight"].float())
+        kv = F_.linear(xf, self._fp32(prefix + "wkv.weight"))
+        score = F_.linear(xf, self._fp32(prefix + "wgate.weight"))
         ratio = 4 if kind == "indexer" else self.cfg.compress_ratios[lid]
-        args = (self.w[prefix + "ape"], self.w[prefix + "norm.weight"].float(), cos, sin, cache.data, block_table,
+        args = (self.w[prefix + "ape"], self._fp32(prefix + "norm.weight"), cos, sin, cache.data, block_table,
                 self.caches.page_size, ratio, kind)
         if batch.is_decode:
             comp_ops.compress_kv_decode(kv, score, batch.positions, state_kv, state_score, *args,
