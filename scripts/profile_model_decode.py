@@ -2,7 +2,7 @@
 dimensions, layers CSA / HCA / SWA, 256 experts, full vocabulary), one sequence after a synthetic
 history, kernel path (backend auto).
 
-    python scripts/profile_model_decode.py [--contexts 4096,65536] [--steps 5] [--out DIR]
+    python scripts/profile_model_decode.py [--contexts 4096,65536] [--steps 5] [--prefill N] [--out DIR]
 
 Prints, per context: the step's wall time, eager and replayed from a CUDA graph (model_ref/graph.py);
 the host synchronizations of one eager step (``torch.cuda.set_sync_debug_mode``: each call site in
@@ -10,7 +10,9 @@ v4kernels / model_ref, with its count); model_ref's own per-family timer (it syn
 each region, so its sum exceeds the unsynchronized step); and a torch.profiler table of two steps:
 kernel launches per step, GPU busy time vs wall time (a step far longer than its GPU time is bound by
 the host: Python, launch overhead, syncs), the top CUDA kernels and the top host-side ops.
-With --out, the same text goes to DIR/profile_model_decode.txt.
+With --prefill N, per context also a prefill chunk of N tokens after a history of C - N: its wall
+time, the per-family timer and the top CUDA kernels. With --out, the same text goes to
+DIR/profile_model_decode.txt.
 """
 from __future__ import annotations
 
@@ -53,11 +55,52 @@ def _sync_sites(fn) -> dict:
     return sites
 
 
+def _profile_prefill(m, cfg, C, n, gen, say, profile, ProfilerActivity):
+    """One prefill chunk of n tokens after a history of C - n: wall time, per-family timer, top kernels."""
+    toks = BM._tokens(cfg, n, gen)
+
+    def once(timed=False, prof=None):
+        m.new_sequence(0)
+        BM._fill_history(m, 0, C - n, gen)
+        torch.cuda.synchronize()
+        m.timer.enabled = timed
+        t0 = time.perf_counter()
+        if prof is None:
+            m.prefill([0], [toks])
+        else:
+            with prof:
+                m.prefill([0], [toks])
+        torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        m.timer.enabled = False
+        m.release(0)
+        return t
+
+    once()  # warm-up (compilation of the prefill shapes)
+    t = min(once() for _ in range(2))
+    say(f"\n=== context {C}: prefill chunk of {n} tokens {t * 1e3:.2f} ms ({n / t:,.0f} tokens/s)")
+    m.timer.totals.clear()
+    once(timed=True)
+    tot = sum(m.timer.totals.values())
+    say(f"model_ref timer (synchronized regions, ms; sum {tot * 1e3:.2f}):")
+    for k, v in sorted(m.timer.totals.items(), key=lambda kv: -kv[1]):
+        say(f"  {k:20s} {v * 1e3:8.2f}")
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    once(prof=prof)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    say(f"profiled: GPU kernel time {sum(e.self_device_time_total for e in kernels) / 1e3:.2f} ms, "
+        f"{sum(e.count for e in kernels):.0f} kernels")
+    say(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", default="4096,65536")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--prefill", type=int, default=0,
+                    help="also profile a prefill chunk of this many tokens after the history (0: no)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("profile_model_decode: needs a CUDA GPU", file=sys.stderr)
@@ -125,6 +168,8 @@ def main() -> int:
         say(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
         say(events.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
         m.release(0)
+        if args.prefill:
+            _profile_prefill(m, cfg, C, args.prefill, gen, say, profile, ProfilerActivity)
         del m
         torch.cuda.empty_cache()
     if args.out:
