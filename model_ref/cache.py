@@ -154,17 +154,17 @@ class CacheManager:
         released and allocated again gets a new one."""
         return self._alloc_ids.get(seq_id)
 
+    def rows_held(self, layer_id: int, length: int) -> Dict[str, int]:
+        """Rows each paged cache of a layer holds for a sequence of ``length`` tokens (window: the
+        ring's rows at most; compressed: one per complete block; indexer: one per 4 tokens)."""
+        lc = self.layers[layer_id]
+        rows = {"window": min(length, self.window_ring) if self.window_ring else length,
+                "compressed": length // lc.ratio if lc.ratio else 0, "indexer": length // 4}
+        return {k: rows[k] for k in self.paged(layer_id)}
+
     def max_pages(self, layer_id: int) -> Dict[str, int]:
         """Block-table width per paged cache of a layer that holds any sequence at ``max_context``."""
-        lc, ps = self.layers[layer_id], self.page_size
-        if lc.window is None:
-            return {}
-        out = {"window": -(-(self.window_ring or self.max_context) // ps)}
-        if lc.compressed is not None:
-            out["compressed"] = -(-(self.max_context // lc.ratio) // ps)
-        if lc.indexer is not None:
-            out["indexer"] = -(-(self.max_context // 4) // ps)
-        return out
+        return {k: -(-n // self.page_size) for k, n in self.rows_held(layer_id, self.max_context).items()}
 
     def paged(self, layer_id: int) -> Dict[str, F.PagedCache]:
         """The paged caches of a layer by block-table name (window, compressed, indexer)."""
@@ -180,14 +180,10 @@ class CacheManager:
     def reserve(self, seq_id: int, new_len: int) -> None:
         """Grow a sequence to ``new_len`` tokens: pages for its window rows and compressed entries."""
         self.check_length(seq_id, new_len)
-        for lc in self.layers:
-            if lc.window is None:  # dense caches: every position of every slot is allocated up front
-                continue
-            lc.window.reserve(seq_id, min(new_len, self.window_ring) if self.window_ring else new_len)
-            if lc.compressed is not None:
-                lc.compressed.reserve(seq_id, new_len // lc.ratio)
-            if lc.indexer is not None:
-                lc.indexer.reserve(seq_id, new_len // 4)
+        for layer_id in range(len(self.layers)):  # dense caches: nothing paged, all allocated up front
+            paged = self.paged(layer_id)
+            for name, rows in self.rows_held(layer_id, new_len).items():
+                paged[name].reserve(seq_id, rows)
         self._lengths[seq_id] = new_len
 
     def block_tables(self, layer_id: int, seq_ids: List[int]) -> Dict[str, torch.Tensor]:

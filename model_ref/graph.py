@@ -36,7 +36,7 @@ class DecodeGraph:
             raise TypeError(f"model: expected a model_ref Transformer, got {type(model).__name__}")
         if model.numerics != "reference":
             raise ValueError(f"model: DecodeGraph needs numerics 'reference' (paged caches), got {model.numerics!r}")
-        seq_ids = [int(s) for s in seq_ids]
+        seq_ids = _ints("seq_ids", seq_ids)
         if not seq_ids:
             raise ValueError("seq_ids: expected at least one sequence, got none")
         if len(set(seq_ids)) != len(seq_ids):
@@ -78,6 +78,7 @@ class DecodeGraph:
     def step(self, tokens: Sequence[int]) -> torch.Tensor:
         """Append ``tokens[b]`` to sequence ``seq_ids[b]``; fp32 logits [B, vocab] (a new tensor)."""
         m, B = self.model, len(self.seq_ids)
+        tokens = _ints("tokens", tokens)
         if len(tokens) != B:
             raise ValueError(f"tokens: expected one token per sequence ({B}), got {len(tokens)}")
         for s, a in zip(self.seq_ids, self._alloc):
@@ -144,3 +145,14 @@ class DecodeGraph:
                         new = torch.tensor(cache.pages_of(s, seen[b]), dtype=torch.int32)
                         table[b, seen[b]:n].copy_(new)
                         seen[b] = n
+
+
+def _ints(name: str, values) -> List[int]:
+    """A list of ints from a sequence (or 1-D tensor) of integers; TypeError naming ``name`` otherwise."""
+    try:
+        out = [int(v) for v in values]
+    except (TypeError, ValueError, RuntimeError):
+        out = None
+    if out is None or any(isinstance(v, float) for v in values):
+        raise TypeError(f"{name}: expected a sequence of ints, got {values!r:.80}")
+    return out

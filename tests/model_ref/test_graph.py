@@ -88,7 +88,13 @@ def test_misuse_raises(tiny):
         DecodeGraph(m, [0], capture=True)
     with pytest.raises(TypeError, match="Transformer"):
         DecodeGraph(object(), [0])
+    with pytest.raises(TypeError, match="seq_ids"):
+        DecodeGraph(m, 0)
     g = DecodeGraph(m, [0])
+    with pytest.raises(TypeError, match="tokens"):
+        g.step(3)
+    with pytest.raises(TypeError, match="tokens"):
+        g.step([1.5])
     with pytest.raises(ValueError, match="one token per sequence"):
         g.step([1, 2])
     with pytest.raises(ValueError, match="tokens"):
