@@ -64,7 +64,8 @@ void moe_mxfp4_decode_common(const Tensor& a, const std::optional<Tensor>& a_sca
   STD_TORCH_CHECK(mode == 0 || mode == 1, "moe_mxfp4_decode: mode must be 0 (w4a8) or 1 (w4a16)");
   STD_TORCH_CHECK(w0.dim() == 3, "moe_mxfp4_decode: w must be [E, N, K/2]");
   const int64_t E = w0.size(0), N = w0.size(1), K = 2 * w0.size(2);
-  STD_TORCH_CHECK(K > 0 && K % 128 == 0, "moe_mxfp4_decode: K must be a positive multiple of 128");
+  STD_TORCH_CHECK(K > 0 && K % 512 == 0, "moe_mxfp4_decode: K must be a positive multiple of 512");
+  STD_TORCH_CHECK(E >= 1 && E <= 1024, "moe_mxfp4_decode: expected 1 <= E <= 1024 experts");
   check_mxfp4_weight("w", w0, ws0, E, N, K);
   if (w1 != nullptr) check_mxfp4_weight("w3", *w1, *ws1, E, N, K);
   STD_TORCH_CHECK(a.is_cuda() && a.is_contiguous() && a.dim() == 2 && a.size(1) == K &&

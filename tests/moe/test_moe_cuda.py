@@ -6,9 +6,11 @@ as the reference does). Groups: 0..16 rows per expert (empty experts included), 
 (empty rows), rows after expert_offsets[E] (must come out 0), NaN-poisoned outputs.
 
 Tolerance: the kernel sums each 32-K chunk on the tensor cores (fp8 MMA for w4a8, bf16 MMA for
-w4a16) and adds four K-slices at the end, the reference sums in fp32 chunk by chunk; the fp32
-results differ by a few ulps (more in rare cancellations), so an output may differ by one bf16
-rounding step: |d| <= 2^-7 |ref| + 2^-8 max|ref| and calc_diff < 1e-5 (``assert_gemm_close``).
+w4a16), the chunks of a 128-K block before the activation scale, and its K-slices at the end; the
+reference sums in fp32 chunk by chunk. The fp32 results differ by a few ulps (more in rare
+cancellations), so an output may differ by one bf16 rounding step: |d| <= 2^-7 |ref| + 2^-8
+max|ref| and calc_diff < 1e-5 (``assert_gemm_close``). Tile widths: 64 columns when there are
+enough tiles for every SM (E = 32 at the Flash shapes), else 16 (E = 1, 8): both are covered.
 """
 import pytest
 import torch
@@ -19,7 +21,7 @@ from v4kernels.reference import moe as ref
 from v4kernels.testing import assert_all_written, make_generator, poisoned
 
 MODES = ["w4a8", "w4a16"]
-SHAPES = {"flash-w13": (4096, 2048), "flash-w2": (2048, 4096), "small": (256, 128)}  # (K, N)
+SHAPES = {"flash-w13": (4096, 2048), "flash-w2": (2048, 4096), "small": (512, 72)}  # (K, N)
 
 
 def _cuda():
@@ -125,7 +127,7 @@ def test_no_row_ids_fp8_input_and_large_groups(mode):
     cm = _cuda()
     dev = torch.device("cuda")
     gen = make_generator(f"large-{mode}")
-    E, K, N = 4, 640, 80  # N not a multiple of the 32-column tile, K not of the 256-K stage
+    E, K, N = 4, 1536, 80  # N not a multiple of the 16/64-column tiles, K = 3 stages of 512
     w, s = _experts(E, N, K, dev, seed=5)
     w3, s3 = _experts(E, N, K, dev, seed=6)
     off = offsets_from_counts([17, 0, 40, 23]).to(dev)
@@ -155,7 +157,7 @@ def test_masked_indices(mode):
     cm = _cuda()
     dev = torch.device("cuda")
     gen = make_generator(f"masked-{mode}")
-    K, N = 256, 64
+    K, N = 512, 64
     E = 256
     w, s = _experts(E, N, K, dev, seed=9)
     x = activations(gen, 8, K).to(dev)
@@ -186,13 +188,42 @@ def test_masked_indices(mode):
     assert (out == 0).all()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_extreme_weight_scales(mode):
+    """e8m0 weight scales >= 249 (2^(e-121) is not a finite fp32: the kernel's exact path), 255 (NaN,
+    as the reference) and 0 (2^-127), with activations around 2^-100 so that the sums stay finite.
+    At most 252: the w4a16 reference dequantizes the weights first, and 6 * 2^(253-127) is inf.
+    Rows: 5 (one n8 block) and 11 (two)."""
+    cm = _cuda()
+    dev = torch.device("cuda")
+    gen = make_generator(f"extreme-{mode}")
+    E, K, N = 2, 1024, 64
+    w, s = _experts(E, N, K, dev, seed=21)
+    s = s.view(torch.uint8).clone()
+    s[0, 3, 5] = 250
+    s[0, 7, 0] = 252
+    s[1, 10, 31] = 249
+    s[1, 20, :4] = 0
+    s[0, 40, 9] = 255
+    off = offsets_from_counts([5, 11]).to(dev)
+    x = (activations(gen, 16, K).float() * 2.0 ** -100).bfloat16().to(dev)
+    want = ref.moe_grouped_gemm_mxfp4(x, None, w, s.view(torch.float8_e8m0fnu), off, None, mode)
+    out = poisoned(want.shape, torch.bfloat16, dev)
+    cm.moe_grouped_gemm_mxfp4_out(x, None, w, s, off, None, mode, out)
+    nan = torch.isnan(want)
+    assert nan[:5, 40].all() and int(nan.sum()) == 5
+    assert torch.equal(torch.isnan(out), nan)
+    assert_gemm_close(torch.where(nan, 0.0, out.float()), torch.where(nan, 0.0, want.float()))
+
+
 def test_decode_supported_is_shape_only():
     """CPU tensors are never supported; the predicate reads shapes and dtypes only."""
     from v4kernels.cuda import moe as cm
 
-    w = torch.zeros(2, 64, 128, dtype=torch.uint8)
-    s = torch.zeros(2, 64, 8, dtype=torch.uint8)
-    x = torch.zeros(3, 256, dtype=torch.bfloat16)
+    w = torch.zeros(2, 64, 256, dtype=torch.uint8)
+    s = torch.zeros(2, 64, 16, dtype=torch.uint8)
+    x = torch.zeros(3, 512, dtype=torch.bfloat16)
     off = torch.tensor([0, 1, 3], dtype=torch.int32)
     assert not cm.decode_supported(x, None, w, s, off)
     assert not cm.swiglu_decode_supported(x, None, w, s, w, s, off, None, None, "w4a16", 10.0)
@@ -202,17 +233,25 @@ def test_decode_supported_is_shape_only():
 def test_decode_supported_on_gpu():
     cm = _cuda()
     dev = torch.device("cuda")
-    w = torch.zeros(8, 64, 128, dtype=torch.uint8, device=dev)
-    s = torch.zeros(8, 64, 8, dtype=torch.uint8, device=dev)
+    w = torch.zeros(8, 64, 256, dtype=torch.uint8, device=dev)
+    s = torch.zeros(8, 64, 16, dtype=torch.uint8, device=dev)
     off = torch.zeros(9, dtype=torch.int32, device=dev)
-    x = torch.zeros(32, 256, dtype=torch.bfloat16, device=dev)
+    x = torch.zeros(32, 512, dtype=torch.bfloat16, device=dev)
     assert cm.decode_supported(x, None, w, s, off, None, "w4a8")
     assert cm.decode_supported(x, None, w, s, off, None, mode="w4a16")
     assert cm.swiglu_decode_supported(x, None, w, s, w, s, off, None, None, "w4a8", 10.0)
     assert cm.decode_supported(x, None, w, s, w, s, off, None, None, "w4a8", 10.0)  # swiglu arguments
     assert not cm.decode_supported(x.float(), None, w, s, off, None, "w4a16")
-    assert not cm.decode_supported(torch.zeros(4096, 256, dtype=torch.bfloat16, device=dev), None, w, s, off)
+    assert not cm.decode_supported(torch.zeros(4096, 512, dtype=torch.bfloat16, device=dev), None, w, s, off)
     assert not cm.decode_supported(x, None, w[:, :, :64].transpose(1, 2), s, off)  # not contiguous
+    # K = 640: not a multiple of the 512-K stage (the Triton kernels take it)
+    w640 = torch.zeros(8, 64, 320, dtype=torch.uint8, device=dev)
+    s640 = torch.zeros(8, 64, 20, dtype=torch.uint8, device=dev)
+    assert not cm.decode_supported(torch.zeros(32, 640, dtype=torch.bfloat16, device=dev), None, w640, s640, off)
+    # more experts than the kernel's prefix table
+    big = torch.zeros(1025, 1, 256, dtype=torch.uint8, device=dev)
+    assert not cm.decode_supported(x, None, big, torch.zeros(1025, 1, 16, dtype=torch.uint8, device=dev),
+                                   torch.zeros(1026, dtype=torch.int32, device=dev))
 
 
 @pytest.mark.cuda

@@ -5,14 +5,16 @@ there. These normalise dtypes (uint8 views of packed weights and e8m0 scales, in
 row ids, FP8 activations: bf16 inputs in mode "w4a8" go through ``act_quant_fp8`` first), allocate
 the output and call ``torch.ops.v4kernels_C.moe_mxfp4_decode_*``. No host synchronisation.
 
-Numerics: as the reference, except that the sum order differs inside each 32-K chunk (tensor-core
-MMA) and across four K-slices that are added at the end in a fixed order; outputs are deterministic
-and agree with the reference to a few fp32 ulps before the bf16 rounding (typically bit-equal,
-sometimes one bf16 ulp apart).
+Numerics: as the reference, except for the order of the fp32 additions (inside each 32-K chunk on
+the tensor cores, per 128-K block, and across the K-slices of a tile, added at the end in a fixed
+order); outputs are deterministic and agree with the reference to a few fp32 ulps before the bf16
+rounding (typically bit-equal, sometimes one bf16 ulp apart).
 
 ``decode_supported`` / ``swiglu_decode_supported`` decide from shapes, dtypes, devices and
 alignment only (no values): the kernel streams each active expert's weights once per 16 rows,
-so it is meant for the decode regime (few rows per expert).
+so it is meant for the decode regime (few rows per expert). It needs K % 512 == 0 (the TMA row
+stride of the e8m0 scales, K/32 bytes, must be a multiple of 16), at most 1024 experts and
+E * N < 2^31; other shapes go to the Triton kernels.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import torch
 MODE_IDS = {"w4a8": 0, "w4a16": 1}
 ROWS_PER_PASS = 16  # rows of one expert computed per pass over its weights
 MAX_DECODE_ROWS = 256
+K_MULTIPLE = 512  # one pipeline stage of the kernel; TMA needs the scale rows (K/32 B) 16-byte aligned
+MAX_EXPERTS = 1024  # the kernel keeps a prefix over the experts in shared memory
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +49,7 @@ def _prep_act(a, a_scale, mode):
         from ..ops.quant import act_quant_fp8
 
         a, a_scale = act_quant_fp8(a, 128)
-    return _aligned(_u8(a)), _u8(a_scale)
+    return _aligned(_u8(a)), _aligned(_u8(a_scale))
 
 
 def _rows(a, row_ids):
@@ -99,8 +103,8 @@ def _common_supported(a, a_scale, weights, expert_offsets, row_ids, mode) -> boo
     w = weights[0]
     if w.dim() != 3:
         return False
-    E, _, K = w.shape[0], w.shape[1], 2 * w.shape[2]
-    if K == 0 or K % 128 or E >= 65535:
+    E, N, K = w.shape[0], w.shape[1], 2 * w.shape[2]
+    if K == 0 or K % K_MULTIPLE or not 1 <= E <= MAX_EXPERTS or E * N >= 2**31:
         return False
     if mode == "w4a16" and a.dtype != torch.bfloat16:
         return False
