@@ -13,19 +13,24 @@
 //          g = bf16(acc1), u = bf16(acc3), out = bf16(silu(min(g, L)) * clamp(u, -L, L) * row_weight).
 //
 // Design (persistent, warp-specialised; sm_90a). Work = tiles of (expert, 16-row block of its
-// group, BN output columns) x the whole K, numbered expert-major so that CTAs running side by side
+// group, output columns) x the whole K, numbered expert-major so that CTAs running side by side
 // share an expert's activations in L2; the list is built on the device from the offsets (no host
-// sync) and CTA i takes tiles i, i + grid, ... One producer warp streams every tile's K in stages of
-// 512: weights as TMA boxes of 128 B x BN rows (128-byte swizzle: conflict-free fragment loads),
-// weight scales as 16 B x BN boxes, activation rows as 1-D bulk copies, into a ring of mbarrier
-// stages that runs across tile boundaries, so HBM never waits for a tile's epilogue. Eight consumer
-// warps = BN/16 column groups x (8 / (BN/16)) K-slices; per 32-K chunk a warp converts its 16
-// columns E2M1 -> e4m3 (w4a8; 7 integer instructions per 8 codes, exact up to a factor 2^-6) or
-// -> bf16 (w4a16, byte-permute table) in registers and runs one m16n8k32 e4m3 MMA (two m16n8k16
-// bf16 MMAs) per 8 rows with a zero accumulator: that is dot32. Its scale 2^(e-127) * 2^6 (the 2^6
-// undoes the conversion's 2^-6) is a single exponent write, (e+6) << 23, and the activation scale
-// of w4a8, the same for the four chunks of a 128-K block, is applied once per block:
-//   blk += dot32_c * 2^(e_c - 121);   acc += blk * sx   (every 4 chunks).
+// sync) and CTA i takes tiles i, i + grid, ... A tile has two "slots" of BN weight rows: w1 and w3
+// of BN columns (SwiGLU) or 2 BN columns of the one weight (plain GEMM). One producer warp streams
+// every tile's K in stages of 512: weights as TMA boxes of 128 B x BN rows (128-byte swizzle:
+// conflict-free fragment loads), weight scales as 16 B x BN boxes, activation rows as 1-D bulk
+// copies, and the metadata (row ids, routing weights, activation scales) into a ring of mbarrier
+// stages that runs across tile boundaries, so HBM never waits for a tile's epilogue and the
+// consumers never wait on global memory. Eight consumer warps = BN/16 column groups x (8 / (BN/16))
+// K-slices; per 32-K chunk a warp converts its 16 columns of both slots E2M1 -> e4m3 (w4a8; 7
+// integer instructions per 8 codes, exact up to a factor 2^-6) or -> bf16 (w4a16, byte-permute
+// table) in registers and runs an m16n8k32 e4m3 MMA (two m16n8k16 bf16 MMAs) per 8 rows with a
+// zero accumulator: that is dot32. (On sm_90 the e4m3 mma.sync runs as F2FP conversions to f16 plus
+// two HMMA.16816; the two slots share the activation half of that work.) The chunk's weight scale
+// 2^(e-127) * 2^6 (the 2^6 undoes the conversion's 2^-6) is a single exponent write, (e+6) << 23,
+// and the activation scale of w4a8, the same for the four chunks of a 128-K block, is applied once
+// per block:
+//   blk = sum over the block's chunks of dot32_c * 2^(e_c - 121);   acc += blk * sx.
 // Scales e >= 249 (where 2^(e-121) overflows; 255 is NaN) take an exact path per stage and warp.
 // The K-slices are added at the end in a fixed order (deterministic).
 //
@@ -55,6 +60,10 @@ constexpr int kStageK = 512;                         // K per pipeline stage = 1
 constexpr int kChunks = kStageK / 32;
 constexpr int kRows = 16;                            // rows of a tile (two n8 MMA blocks)
 constexpr int kMaxExperts = 1024;
+// Every consumer warp runs two 16-column A operands ("slots") per chunk, sharing the activation
+// fragments between them: w1 and w3 of the same columns (SwiGLU), or, for a plain GEMM, columns
+// [n0, n0 + BN) and [n0 + BN, n0 + 2 BN) of the one weight.
+constexpr int kSlots = 2;
 constexpr int kMaxStages = 8;
 constexpr int kSmemBudget = 225 * 1024;
 
@@ -70,16 +79,17 @@ struct Layout {
   static constexpr int kActRow = kStageK * kActBytes + (MODE == kW4A8 ? 32 : 64);
   static constexpr int kWBox = BN * 128;  // one TMA box: BN rows x 128 B (256 K)
   static constexpr int kSBox = BN * 16;   // BN rows x 16 chunk scales
-  static constexpr int kWOff = 0;                          // [NW][2] weight boxes (1024-aligned)
-  static constexpr int kSOff = NW * 2 * kWBox;             // [NW] scale boxes
-  static constexpr int kAOff = kSOff + ((NW * kSBox + 127) / 128) * 128;  // [16] activation rows
+  static constexpr int kWOff = 0;                          // [slot][half] weight boxes (1024-aligned)
+  static constexpr int kSOff = kSlots * 2 * kWBox;         // [slot] scale boxes
+  static constexpr int kAOff = kSOff + ((kSlots * kSBox + 127) / 128) * 128;  // [16] activation rows
   // metadata written by the producer: rid[16] (int), row weight[16], activation scales sx[16][4]
   // (the four 128-K blocks of the stage, fp32; w4a8)
   static constexpr int kMOff = kAOff + kRows * kActRow;
   static constexpr int kMeta = kRows * 4 * 6;
   static constexpr int kStage = ((kMOff + kMeta + 1023) / 1024) * 1024;
   static constexpr int kRedStride = BN + 4;  // padded rows of the K-slice partial sums
-  static constexpr int kRed = kKSplit * NW * kRows * kRedStride * 4;
+  static constexpr int kRed = kKSplit * kSlots * kRows * kRedStride * 4;
+  static constexpr int kTileN = NW == 2 ? BN : kSlots * BN;  // output columns of a tile
   // + prefix of row blocks [E+1] and the clamped segment [lo, hi) of every expert
   static constexpr int kFixed = 1024 /* alignment slack */ + kRed + 4 * (3 * kMaxExperts + 1);
   // ring depth: as many stages as fit, at most 8 (w4a8 w13 at BN = 64: 4 stages, 128 KB of weights)
@@ -241,14 +251,14 @@ __device__ __forceinline__ void row_of(const Tile& tl, int row, const Params& p,
   }
 }
 
-// One stage of one consumer warp: its CPW chunks (c = kq*CPW + ci) x NW weight matrices x NB n8
+// One stage of one consumer warp: its CPW chunks (c = kq*CPW + ci) x 2 slots x NB n8
 // blocks of rows (NB = 1: rows 0-7, 2: rows 0-15). Chunk offsets are compile-time; the scale
 // factors of the stage are decoded first. EXACT: the per-chunk factors 2^6 and 2^(e-127) are applied
 // separately (some scale byte >= 249 in this warp's stage).
 template <int MODE, int NW, int BN, int NB, bool EXACT>
 __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
-                                              const uint32_t (&sw)[NW][2][(Layout<MODE, NW, BN>::kCPW + 3) / 4],
-                                              float (&acc)[NW][2][4]) {
+                                              const uint32_t (&sw)[kSlots][2][(Layout<MODE, NW, BN>::kCPW + 3) / 4],
+                                              float (&acc)[kSlots][2][4]) {
   using L = Layout<MODE, NW, BN>;
   constexpr int CPW = L::kCPW;
   const int lane = threadIdx.x & 31;
@@ -259,9 +269,9 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
   const float* msx = reinterpret_cast<const float*>(st + L::kMOff + 2 * kRows * 4) + 2 * t * 4 + (c0 >> 2);
 
   // scale factors: f[m][r][ci] for rows g (r = 0) and g + 8 (r = 1)
-  float f[NW][2][CPW];
+  float f[kSlots][2][CPW];
 #pragma unroll
-  for (int m = 0; m < NW; ++m)
+  for (int m = 0; m < kSlots; ++m)
 #pragma unroll
     for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -276,7 +286,7 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
         }
       }
 
-  float blk[NW][NB][4];
+  float blk[kSlots][NB][4];
 #pragma unroll
   for (int ci = 0; ci < CPW; ++ci) {
     const int c = c0 + ci;
@@ -297,7 +307,7 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
       }
     }
 #pragma unroll
-    for (int m = 0; m < NW; ++m) {
+    for (int m = 0; m < kSlots; ++m) {
       const uint8_t* wp = wrow + m * 2 * L::kWBox + uo;
       const uint32_t w_lo = *reinterpret_cast<const uint32_t*>(wp);
       const uint32_t w_hi = *reinterpret_cast<const uint32_t*>(wp + 8 * 128);
@@ -341,7 +351,7 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
         const float sx0 = msx[nb * 8 * 4 + (ci >> 2)];
         const float sx1 = msx[nb * 8 * 4 + 4 + (ci >> 2)];
 #pragma unroll
-        for (int m = 0; m < NW; ++m)
+        for (int m = 0; m < kSlots; ++m)
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[m][nb][i] = fmaf(blk[m][nb][i], (i & 1) ? sx1 : sx0, acc[m][nb][i]);
       }
@@ -371,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = tid >> 5, lane = tid & 31;
   const int M = p.M, N = p.N, K = p.K, E = p.E;
   const int nstages = K / kStageK;
-  const int nblk = (N + BN - 1) / BN;
+  const int nblk = (N + L::kTileN - 1) / L::kTileN;
 
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -419,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // pre[] and the barrier inits visible to all
   }
   const int ntiles = pre[E] * nblk;
-  const Plan plan{pre, seg_lo, seg_hi, E, nblk, BN};
+  const Plan plan{pre, seg_lo, seg_hi, E, nblk, L::kTileN};
 
   if (warp == kConsumerWarps) {
     // ================= producer warp =================
@@ -450,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_of(nxt, lane, p, rid_n, rw_n);
       }
       const unsigned valid = __ballot_sync(0xffffffffu, rid >= 0);
-      const uint32_t bytes = NW * (2 * L::kWBox + L::kSBox) + __popc(valid) * act_stage_bytes;
+      const uint32_t bytes = kSlots * (2 * L::kWBox + L::kSBox) + __popc(valid) * act_stage_bytes;
       const int wrow = cur.e * N + cur.n0;
       for (int s = 0; s < nstages; ++s, ++it) {
         uint32_t word_next = 0;
@@ -480,12 +490,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0) {
           mbar_expect_tx(&full_bar[slot], bytes);
 #pragma unroll
-          for (int m = 0; m < NW; ++m) {
+          for (int m = 0; m < kSlots; ++m) {
+            const int row = wrow + (NW == 2 ? 0 : m * BN);  // NW = 1: both maps are the one weight
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-              tma_load_2d(st + L::kWOff + (m * 2 + h) * L::kWBox, &maps.w[m], s * (kStageK / 2) + h * 128, wrow,
+              tma_load_2d(st + L::kWOff + (m * 2 + h) * L::kWBox, &maps.w[m], s * (kStageK / 2) + h * 128, row,
                           &full_bar[slot]);
-            tma_load_2d(st + L::kSOff + m * L::kSBox, &maps.ws[m], s * kChunks, wrow, &full_bar[slot]);
+            tma_load_2d(st + L::kSOff + m * L::kSBox, &maps.ws[m], s * kChunks, row, &full_bar[slot]);
           }
         }
         __syncwarp();
@@ -527,9 +538,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Tile tl = tile_of(tix, plan);
     const int nb_count = tl.nrows > 8 ? 2 : 1;
 
-    float acc[NW][2][4];
+    float acc[kSlots][2][4];
 #pragma unroll
-    for (int m = 0; m < NW; ++m)
+    for (int m = 0; m < kSlots; ++m)
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
@@ -544,10 +555,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         s_rw[tid] = reinterpret_cast<const float*>(st + L::kMOff + kRows * 4)[tid];
       }
       // this warp's scale bytes: rows cg*16 + g and + 8, chunks kq*CPW .. +CPW-1
-      uint32_t sw[NW][2][SW_WORDS];
+      uint32_t sw[kSlots][2][SW_WORDS];
       bool big = false;
 #pragma unroll
-      for (int m = 0; m < NW; ++m)
+      for (int m = 0; m < kSlots; ++m)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const uint8_t* srow = st + L::kSOff + m * L::kSBox + (cg * 16 + g + 8 * r) * 16 + kq * L::kCPW;
@@ -576,26 +587,30 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- fixed-order sum of the K-slices, epilogue, store ----
 #pragma unroll
-    for (int m = 0; m < NW; ++m)
+    for (int m = 0; m < kSlots; ++m)
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int col = cg * 16 + g + (i < 2 ? 0 : 8);
           const int row = nb * 8 + 2 * t + (i & 1);
-          red[((kq * NW + m) * kRows + row) * L::kRedStride + col] = acc[m][nb][i];
+          red[((kq * kSlots + m) * kRows + row) * L::kRedStride + col] = acc[m][nb][i];
         }
     consumer_sync();
-    for (int idx = tid; idx < kRows * BN; idx += kConsumerWarps * 32) {
-      const int row = idx / BN, col = idx % BN;
+    for (int idx = tid; idx < kRows * L::kTileN; idx += kConsumerWarps * 32) {
+      const int row = idx / L::kTileN, col = idx % L::kTileN;
       const int n = tl.n0 + col;
       if (row < tl.nrows && n < N) {
-        float v[NW];
+        // slot sums over the K-slices in a fixed order: NW = 2 both slots of column col, NW = 1 the one
+        // slot that holds column col
+        float v[kSlots];
 #pragma unroll
-        for (int m = 0; m < NW; ++m) {
+        for (int m = 0; m < kSlots; ++m) {
+          const int sm = NW == 2 ? m : col / BN;
+          const int c = NW == 2 ? col : col % BN;
           float sum = 0.f;
 #pragma unroll
-          for (int q = 0; q < L::kKSplit; ++q) sum += red[((q * NW + m) * kRows + row) * L::kRedStride + col];
+          for (int q = 0; q < L::kKSplit; ++q) sum += red[((q * kSlots + sm) * kRows + row) * L::kRedStride + c];
           v[m] = sum;
         }
         float y;
@@ -604,7 +619,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         } else {
           // g, u rounded to bf16 first; NaN-propagating clamps as torch.clamp.
           float gg = __bfloat162float(__float2bfloat16(v[0]));
-          float uu = __bfloat162float(__float2bfloat16(v[NW - 1]));
+          float uu = __bfloat162float(__float2bfloat16(v[1]));
           const float Lm = p.limit;
           gg = gg > Lm ? Lm : gg;
           uu = uu > Lm ? Lm : (uu < -Lm ? -Lm : uu);
@@ -668,7 +683,7 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
   const int n_sm = sm_count();
   // upper bound of the tiles (16-row blocks <= min(E, M) + M / 16) without reading the offsets
   const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
-  const int64_t tiles = blocks * ((p.N + BN - 1) / BN);
+  const int64_t tiles = blocks * ((p.N + L::kTileN - 1) / L::kTileN);
   const int grid = int(tiles < n_sm ? (tiles > 0 ? tiles : 1) : n_sm);
   auto kernel = mxfp4_decode_kernel<MODE, NW, BN>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
@@ -681,10 +696,11 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
 
 template <int MODE, int NW>
 void launch_bn(const Params& p, const void* const w[2], const void* const ws[2], cudaStream_t stream) {
-  // 64-column tiles when there are enough of them for two per SM, else 16 (few experts: decode of a
-  // small batch), so that the work spreads over the SMs
+  // 64-column slots when that gives two tiles per SM, else 16 (few experts: decode of a small
+  // batch), so that the work spreads over the SMs
   const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
-  if (blocks * ((p.N + 63) / 64) >= 2 * int64_t(sm_count())) launch<MODE, NW, 64>(p, w, ws, stream);
+  const int tile_n = Layout<MODE, NW, 64>::kTileN;
+  if (blocks * ((p.N + tile_n - 1) / tile_n) >= 2 * int64_t(sm_count())) launch<MODE, NW, 64>(p, w, ws, stream);
   else launch<MODE, NW, 16>(p, w, ws, stream);
 }
 
