@@ -1,9 +1,9 @@
 """Where the MXFP4 decode GEMMs lose bandwidth (GPU): kernels and copies of the same bytes, timed side by side.
 
-    python scripts/profile_moe_decode.py [--out DIR] [--models flash,pro] [--m 1,4,16] [--experts 64]
+    python scripts/profile_moe_decode.py [--out DIR] [--models flash,pro] [--m 1,4,16] [--experts 64,6]
     python scripts/profile_moe_decode.py --once [--backend cuda] [--gemm w13|w2]   (for ncu)
 
-Per (model, GEMM, tokens per expert m): the minimum bytes (packed weights + e8m0 scales of the active
+Per (model, active experts, GEMM, tokens per expert m): the minimum bytes (packed weights + e8m0 scales of the active
 experts, activations, output), and for each variant the median time of CUDA-graph replays of 20 calls
 (L2 not flushed: at these sizes, 137-1000 MB of weights, L2 holds nothing useful between calls) and the
 % of the measured device-copy bandwidth. Variants: the ``cuda`` and ``triton`` W4A8 ops as shipped,
@@ -89,7 +89,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="flash,pro")
     ap.add_argument("--m", default="1,4,16")
-    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--experts", default="64,6",
+                    help="active experts (6: one token of decode batch 1; the kernel then takes 16-column slots)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true", help="one call of each GEMM of the first model and m (for ncu)")
     ap.add_argument("--backend", default="cuda", choices=("cuda", "triton"))
@@ -102,7 +103,7 @@ def main() -> int:
     ms = [int(x) for x in args.m.split(",")]
     if args.once:
         for gemm in ("w13", "w2"):
-            c = _case(models[0], gemm, ms[0], args.experts, gen)
+            c = _case(models[0], gemm, ms[0], int(args.experts.split(",")[0]), gen)
             _op(c, gemm, args.backend)()
         torch.cuda.synchronize()
         return 0
@@ -115,29 +116,31 @@ def main() -> int:
 
     copy = _copy_gbps()
     say(f"# {torch.cuda.get_device_name(0)}; device copy {copy:,.0f} GB/s (read + write)")
-    say("| model | gemm | m | rows | weight MB | variant | time (us) | GB/s (min bytes) | % of copy | max |diff| vs triton |")
-    say("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
-    for model in models:
-        for m in ms:
-            for gemm in ("w13", "w2"):
-                c = _case(model, gemm, m, args.experts, gen)
-                ref = _op(c, gemm, "triton")().float()
-                wflat = torch.cat([w.reshape(-1) for w in c["ws"]] + [s.reshape(-1) for s in c["ss"]])
-                wcopy = torch.empty_like(wflat)
-                variants = {"cuda": _op(c, gemm, "cuda"), "triton": _op(c, gemm, "triton"),
-                            "copy": lambda: wcopy.copy_(wflat)}
-                for name, fn in variants.items():
-                    diff = "-"
-                    if name != "copy":
-                        out = fn().float()
-                        diff = f"{(out - ref).abs().max().item():.3g}"
-                    t = _graph_time_us(fn)
-                    nbytes = 2 * wflat.numel() if name == "copy" else c["nbytes"]
-                    gbps = nbytes / t / 1e3
-                    say(f"| {model} | {gemm} | {m} | {c['M']} | {c['wbytes'] / 1e6:.0f} | {name} | {t:.1f} | "
-                        f"{gbps:,.0f} | {100 * gbps / copy:.1f} | {diff} |")
-                del c, wflat, wcopy
-                torch.cuda.empty_cache()
+    say("| model | experts | gemm | m | rows | weight MB | variant | time (us) | GB/s (min bytes) | % of copy | "
+        "max |diff| vs triton |")
+    say("|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    cases = [(model, n_exp, m) for n_exp in (int(x) for x in args.experts.split(",")) for model in models
+             for m in (ms if n_exp > 8 else ms[:1])]
+    for model, n_exp, m in cases:
+        for gemm in ("w13", "w2"):
+            c = _case(model, gemm, m, n_exp, gen)
+            ref = _op(c, gemm, "triton")().float()
+            wflat = torch.cat([w.reshape(-1) for w in c["ws"]] + [s.reshape(-1) for s in c["ss"]])
+            wcopy = torch.empty_like(wflat)
+            variants = {"cuda": _op(c, gemm, "cuda"), "triton": _op(c, gemm, "triton"),
+                        "copy": lambda: wcopy.copy_(wflat)}
+            for name, fn in variants.items():
+                diff = "-"
+                if name != "copy":
+                    out = fn().float()
+                    diff = f"{(out - ref).abs().max().item():.3g}"
+                t = _graph_time_us(fn)
+                nbytes = 2 * wflat.numel() if name == "copy" else c["nbytes"]
+                gbps = nbytes / t / 1e3
+                say(f"| {model} | {n_exp} | {gemm} | {m} | {c['M']} | {c['wbytes'] / 1e6:.0f} | {name} | {t:.1f} | "
+                    f"{gbps:,.0f} | {100 * gbps / copy:.1f} | {diff} |")
+            del c, wflat, wcopy
+            torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_moe_decode.txt"), "w") as f:
