@@ -590,17 +590,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int m = 0; m < kSlots; ++m)
 #pragma unroll
       for (int nb = 0; nb < 2; ++nb)
+        if (nb < nb_count)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int col = cg * 16 + g + (i < 2 ? 0 : 8);
-          const int row = nb * 8 + 2 * t + (i & 1);
-          red[((kq * kSlots + m) * kRows + row) * L::kRedStride + col] = acc[m][nb][i];
-        }
+          for (int i = 0; i < 4; ++i) {
+            const int col = cg * 16 + g + (i < 2 ? 0 : 8);
+            const int row = nb * 8 + 2 * t + (i & 1);
+            red[((kq * kSlots + m) * kRows + row) * L::kRedStride + col] = acc[m][nb][i];
+          }
     consumer_sync();
-    for (int idx = tid; idx < kRows * L::kTileN; idx += kConsumerWarps * 32) {
+    for (int idx = tid; idx < tl.nrows * L::kTileN; idx += kConsumerWarps * 32) {
       const int row = idx / L::kTileN, col = idx % L::kTileN;
       const int n = tl.n0 + col;
-      if (row < tl.nrows && n < N) {
+      if (n < N) {
         // slot sums over the K-slices in a fixed order: NW = 2 both slots of column col, NW = 1 the one
         // slot that holds column col
         float v[kSlots];
