@@ -129,12 +129,19 @@ def main() -> int:
             wcopy = torch.empty_like(wflat)
             variants = {"cuda": _op(c, gemm, "cuda"), "triton": _op(c, gemm, "triton"),
                         "copy": lambda: wcopy.copy_(wflat)}
+            if n_exp <= 8:  # the slot widths of the CUDA kernel side by side (V4K_MOE_DECODE_BN)
+                for bn in (16, 32, 64):
+                    variants[f"cuda_bn{bn}"] = variants["cuda"]
             for name, fn in variants.items():
                 diff = "-"
+                os.environ.pop("V4K_MOE_DECODE_BN", None)
+                if name.startswith("cuda_bn"):
+                    os.environ["V4K_MOE_DECODE_BN"] = name[len("cuda_bn"):]
                 if name != "copy":
                     out = fn().float()
                     diff = f"{(out - ref).abs().max().item():.3g}"
                 t = _graph_time_us(fn)
+                os.environ.pop("V4K_MOE_DECODE_BN", None)
                 nbytes = 2 * wflat.numel() if name == "copy" else c["nbytes"]
                 gbps = nbytes / t / 1e3
                 say(f"| {model} | {n_exp} | {gemm} | {m} | {c['M']} | {c['wbytes'] / 1e6:.0f} | {name} | {t:.1f} | "

@@ -45,6 +45,7 @@
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -695,13 +696,21 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
   check_launch("mxfp4_decode_kernel");
 }
 
+// Slot width: 64 columns when that gives two tiles per SM, else narrower (few experts: decode of a
+// small batch), so that the work spreads over the SMs. V4K_MOE_DECODE_BN=16|32|64 forces one (profiling:
+// scripts/profile_moe_decode.py).
 template <int MODE, int NW>
 void launch_bn(const Params& p, const void* const w[2], const void* const ws[2], cudaStream_t stream) {
-  // 64-column slots when that gives two tiles per SM, else 16 (few experts: decode of a small
-  // batch), so that the work spreads over the SMs
-  const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
-  const int tile_n = Layout<MODE, NW, 64>::kTileN;
-  if (blocks * ((p.N + tile_n - 1) / tile_n) >= 2 * int64_t(sm_count())) launch<MODE, NW, 64>(p, w, ws, stream);
+  int bn = 0;
+  if (const char* env = std::getenv("V4K_MOE_DECODE_BN")) bn = std::atoi(env);
+  if (bn != 16 && bn != 32 && bn != 64) {
+    const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
+    const int64_t want = 2 * int64_t(sm_count());
+    const int t64 = Layout<MODE, NW, 64>::kTileN, t32 = Layout<MODE, NW, 32>::kTileN;
+    bn = blocks * ((p.N + t64 - 1) / t64) >= want ? 64 : (blocks * ((p.N + t32 - 1) / t32) >= want ? 32 : 16);
+  }
+  if (bn == 64) launch<MODE, NW, 64>(p, w, ws, stream);
+  else if (bn == 32) launch<MODE, NW, 32>(p, w, ws, stream);
   else launch<MODE, NW, 16>(p, w, ws, stream);
 }
 

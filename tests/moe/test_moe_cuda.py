@@ -190,6 +190,35 @@ def test_masked_indices(mode):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bn", ["16", "32", "64"])
+def test_slot_widths(bn, mode, monkeypatch):
+    """Every slot width of the kernel (16, 32, 64 columns; forced through V4K_MOE_DECODE_BN, as the
+    profiling script does) on the same ragged groups: N = 200 leaves a partial last tile."""
+    monkeypatch.setenv("V4K_MOE_DECODE_BN", bn)
+    cm = _cuda()
+    dev = torch.device("cuda")
+    gen = make_generator(f"bn-{bn}-{mode}")
+    E, K, N = 8, 1024, 200
+    w1, s1 = _experts(E, N, K, dev, seed=31, scale=4.0 / K ** 0.5)
+    w3, s3 = _experts(E, N, K, dev, seed=32, scale=4.0 / K ** 0.5)
+    off, row_ids, Ma = _groups(gen, E)
+    x = activations(gen, Ma, K).to(dev)
+    rw = (torch.rand(row_ids.shape[0], generator=gen) * 2).to(dev)
+    off, row_ids = off.to(dev), row_ids.to(dev)
+    want = ref.moe_grouped_gemm_mxfp4(x, None, w1, s1, off, row_ids, mode)
+    out = poisoned(want.shape, torch.bfloat16, dev)
+    cm.moe_grouped_gemm_mxfp4_out(x, None, w1, s1, off, row_ids, mode, out)
+    assert_all_written(out)
+    assert_gemm_close(out, want)
+    want = ref.moe_grouped_swiglu_mxfp4(x, None, w1, s1, w3, s3, off, row_ids, rw, mode, 10.0)
+    out = poisoned(want.shape, torch.bfloat16, dev)
+    cm.moe_grouped_swiglu_mxfp4_out(x, None, w1, s1, w3, s3, off, row_ids, rw, mode, 10.0, out)
+    assert_all_written(out)
+    assert_gemm_close(out, want, swiglu=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
 def test_extreme_weight_scales(mode):
     """e8m0 weight scales >= 249 (2^(e-121) is not a finite fp32: the kernel's exact path), 255 (NaN,
     as the reference) and 0 (2^-127), with activations around 2^-100 so that the sums stay finite.
