@@ -75,6 +75,7 @@ struct Layout {
   static constexpr int kCG = BN / 16;                   // column groups (16 columns = MMA M side)
   static constexpr int kKSplit = kConsumerWarps / kCG;  // K-slices
   static constexpr int kCPW = kChunks / kKSplit;        // chunks per warp and stage
+  static_assert(BN == 32 || BN == 64, "slots of 32 or 64 columns: 4 or 8 chunks per warp and stage");
   static constexpr int kActBytes = MODE == kW4A8 ? 1 : 2;
   // activation row in smem: 512 K + 32 B (fp8) / 64 B (bf16) padding: conflict-free fragment loads
   static constexpr int kActRow = kStageK * kActBytes + (MODE == kW4A8 ? 32 : 64);
@@ -264,7 +265,7 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
   constexpr int CPW = L::kCPW;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int c0 = kq * CPW;  // first chunk; CPW = 8: box half kq, units 0..7; CPW = 2: units 2(kq & 3) + ci
+  const int c0 = kq * CPW;  // first chunk; CPW = 8: box half kq, units 0..7; CPW = 4: units 4(kq & 1) + ci
   const uint8_t* wrow = st + L::kWOff + (c0 >> 3) * L::kWBox + (cg * 16 + g) * 128 + 4 * t;
   const uint8_t* arow = st + L::kAOff + g * L::kActRow + c0 * 32 * L::kActBytes + (MODE == kW4A8 ? 8 : 16) * t;
   const float* msx = reinterpret_cast<const float*>(st + L::kMOff + 2 * kRows * 4) + 2 * t * 4 + (c0 >> 2);
@@ -565,10 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const uint8_t* srow = st + L::kSOff + m * L::kSBox + (cg * 16 + g + 8 * r) * 16 + kq * L::kCPW;
 #pragma unroll
           for (int j = 0; j < SW_WORDS; ++j) {
-            uint32_t v;
-            if (L::kCPW >= 4) v = *reinterpret_cast<const uint32_t*>(srow + 4 * j);
-            else if (L::kCPW == 2) v = *reinterpret_cast<const uint16_t*>(srow);
-            else v = *srow;
+            const uint32_t v = *reinterpret_cast<const uint32_t*>(srow + 4 * j);
             sw[m][r][j] = v;
             // some byte >= 249: 2^(e-121) is not a finite fp32 (255: NaN scale)
             big |= (v & ((v & 0x7f7f7f7fu) + 0x07070707u) & 0x80808080u) != 0u;
@@ -696,22 +694,22 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
   check_launch("mxfp4_decode_kernel");
 }
 
-// Slot width: 64 columns when that gives two tiles per SM, else narrower (few experts: decode of a
-// small batch), so that the work spreads over the SMs. V4K_MOE_DECODE_BN=16|32|64 forces one (profiling:
+// Slot width: 64 columns when that gives two tiles per SM, else 32 (few experts: decode of a small
+// batch), so that the work spreads over the SMs. (16-column slots, measured on the H100 at decode
+// batch 1, ran at 39-47% of HBM against 64-80% for 32 and 64: 2 chunks per warp and stage are too
+// few to carry the per-stage costs.) V4K_MOE_DECODE_BN=32|64 forces one (profiling:
 // scripts/profile_moe_decode.py).
 template <int MODE, int NW>
 void launch_bn(const Params& p, const void* const w[2], const void* const ws[2], cudaStream_t stream) {
   int bn = 0;
   if (const char* env = std::getenv("V4K_MOE_DECODE_BN")) bn = std::atoi(env);
-  if (bn != 16 && bn != 32 && bn != 64) {
+  if (bn != 32 && bn != 64) {
     const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
-    const int64_t want = 2 * int64_t(sm_count());
-    const int t64 = Layout<MODE, NW, 64>::kTileN, t32 = Layout<MODE, NW, 32>::kTileN;
-    bn = blocks * ((p.N + t64 - 1) / t64) >= want ? 64 : (blocks * ((p.N + t32 - 1) / t32) >= want ? 32 : 16);
+    const int t64 = Layout<MODE, NW, 64>::kTileN;
+    bn = blocks * ((p.N + t64 - 1) / t64) >= 2 * int64_t(sm_count()) ? 64 : 32;
   }
   if (bn == 64) launch<MODE, NW, 64>(p, w, ws, stream);
-  else if (bn == 32) launch<MODE, NW, 32>(p, w, ws, stream);
-  else launch<MODE, NW, 16>(p, w, ws, stream);
+  else launch<MODE, NW, 32>(p, w, ws, stream);
 }
 
 }  // namespace
