@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true", help="one call of each GEMM of the first model and m (for ncu)")
     ap.add_argument("--backend", default="cuda", choices=("cuda", "triton"))
+    ap.add_argument("--widths", action="store_true", help="also time every slot width of the CUDA kernel")
     args = ap.parse_args()
     import v4kernels.ops.moe  # noqa: F401  (registers the ops, loads v4kernels._C)
 
@@ -129,8 +130,8 @@ def main() -> int:
             wcopy = torch.empty_like(wflat)
             variants = {"cuda": _op(c, gemm, "cuda"), "triton": _op(c, gemm, "triton"),
                         "copy": lambda: wcopy.copy_(wflat)}
-            if n_exp <= 8:  # the slot widths of the CUDA kernel side by side (V4K_MOE_DECODE_BN)
-                for bn in (32, 64):
+            if args.widths:  # the slot widths of the CUDA kernel side by side (V4K_MOE_DECODE_BN)
+                for bn in (32, 48, 64):
                     variants[f"cuda_bn{bn}"] = variants["cuda"]
             for name, fn in variants.items():
                 diff = "-"

@@ -55,8 +55,6 @@ namespace v4k {
 
 namespace {
 
-constexpr int kConsumerWarps = 8;
-constexpr int kThreads = (kConsumerWarps + 1) * 32;  // + 1 producer warp
 constexpr int kStageK = 512;                         // K per pipeline stage = 16 chunks of 32
 constexpr int kChunks = kStageK / 32;
 constexpr int kRows = 16;                            // rows of a tile (two n8 MMA blocks)
@@ -72,10 +70,12 @@ enum Mode : int { kW4A8 = 0, kW4A16 = 1 };
 
 template <int MODE, int NW, int BN>
 struct Layout {
-  static constexpr int kCG = BN / 16;                   // column groups (16 columns = MMA M side)
-  static constexpr int kKSplit = kConsumerWarps / kCG;  // K-slices
+  static constexpr int kCG = BN / 16;                    // column groups (16 columns = MMA M side)
+  static constexpr int kKSplit = BN == 64 ? 2 : 4;       // K-slices
+  static constexpr int kWarps = kCG * kKSplit;           // consumer warps: 8 (BN 32, 64) or 12 (BN 48)
+  static constexpr int kThreads = (kWarps + 1) * 32;     // + 1 producer warp
   static constexpr int kCPW = kChunks / kKSplit;        // chunks per warp and stage
-  static_assert(BN == 32 || BN == 64, "slots of 32 or 64 columns: 4 or 8 chunks per warp and stage");
+  static_assert(BN == 32 || BN == 48 || BN == 64, "slots of 32, 48 or 64 columns: 4 or 8 chunks per warp and stage");
   static constexpr int kActBytes = MODE == kW4A8 ? 1 : 2;
   // activation row in smem: 512 K + 32 B (fp8) / 64 B (bf16) padding: conflict-free fragment loads
   static constexpr int kActRow = kStageK * kActBytes + (MODE == kW4A8 ? 32 : 64);
@@ -138,7 +138,8 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
                "l"(src), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
 }
-__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kConsumerWarps * 32) : "memory"); }
+template <int WARPS>
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(WARPS * 32) : "memory"); }
 
 __device__ __forceinline__ float e8m0_to_float(uint32_t e) {
   if (e == 0xffu) return __uint_as_float(0x7fc00000u);  // NaN, as the reference
@@ -363,10 +364,12 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
 
 // NW = 1: plain GEMM; NW = 2: w1 and w3 with the SwiGLU epilogue.
 template <int MODE, int NW, int BN>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(Layout<MODE, NW, BN>::kThreads, 1)
     mxfp4_decode_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps) {
   using L = Layout<MODE, NW, BN>;
   constexpr int STAGES = L::kStages;
+  constexpr int kThreads = L::kThreads;
+  constexpr int kConsumerWarps = L::kWarps;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* ring = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   float* red = reinterpret_cast<float*>(ring + STAGES * L::kStage);
@@ -596,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const int row = nb * 8 + 2 * t + (i & 1);
             red[((kq * kSlots + m) * kRows + row) * L::kRedStride + col] = acc[m][nb][i];
           }
-    consumer_sync();
+    consumer_sync<kConsumerWarps>();
     for (int idx = tid; idx < tl.nrows * L::kTileN; idx += kConsumerWarps * 32) {
       const int row = idx / L::kTileN, col = idx % L::kTileN;
       const int n = tl.n0 + col;
@@ -630,7 +633,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         p.out[int64_t(tl.r0 + row) * N + n] = __float2bfloat16(y);
       }
     }
-    consumer_sync();  // red, s_rid and s_rw are rewritten by the next tile
+    consumer_sync<kConsumerWarps>();  // red, s_rid and s_rw are rewritten by the next tile
   }
 }
 
@@ -690,7 +693,7 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
   if (err != cudaSuccess)
     throw std::runtime_error(std::string("moe_mxfp4_decode: cannot reserve ") + std::to_string(smem) +
                              " B of shared memory: " + cudaGetErrorString(err));
-  kernel<<<grid, kThreads, smem, stream>>>(p, maps);
+  kernel<<<grid, L::kThreads, smem, stream>>>(p, maps);
   check_launch("mxfp4_decode_kernel");
 }
 
@@ -703,12 +706,13 @@ template <int MODE, int NW>
 void launch_bn(const Params& p, const void* const w[2], const void* const ws[2], cudaStream_t stream) {
   int bn = 0;
   if (const char* env = std::getenv("V4K_MOE_DECODE_BN")) bn = std::atoi(env);
-  if (bn != 32 && bn != 64) {
+  if (bn != 32 && bn != 48 && bn != 64) {
     const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
     const int t64 = Layout<MODE, NW, 64>::kTileN;
     bn = blocks * ((p.N + t64 - 1) / t64) >= 2 * int64_t(sm_count()) ? 64 : 32;
   }
   if (bn == 64) launch<MODE, NW, 64>(p, w, ws, stream);
+  else if (bn == 48) launch<MODE, NW, 48>(p, w, ws, stream);
   else launch<MODE, NW, 32>(p, w, ws, stream);
 }
 

@@ -190,9 +190,9 @@ def test_masked_indices(mode):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("bn", ["32", "64"])
+@pytest.mark.parametrize("bn", ["32", "48", "64"])
 def test_slot_widths(bn, mode, monkeypatch):
-    """Every slot width of the kernel (32, 64 columns; forced through V4K_MOE_DECODE_BN, as the
+    """Every slot width of the kernel (32, 48, 64 columns; forced through V4K_MOE_DECODE_BN, as the
     profiling script does) on the same ragged groups: N = 200 leaves a partial last tile."""
     monkeypatch.setenv("V4K_MOE_DECODE_BN", bn)
     cm = _cuda()
