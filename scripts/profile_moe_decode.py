@@ -131,7 +131,7 @@ def main() -> int:
             variants = {"cuda": _op(c, gemm, "cuda"), "triton": _op(c, gemm, "triton"),
                         "copy": lambda: wcopy.copy_(wflat)}
             if args.widths:  # the slot widths of the CUDA kernel side by side (V4K_MOE_DECODE_BN)
-                for bn in (32, 48, 64):
+                for bn in (48, 64):
                     variants[f"cuda_bn{bn}"] = variants["cuda"]
             for name, fn in variants.items():
                 diff = "-"

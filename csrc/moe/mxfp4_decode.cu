@@ -21,8 +21,8 @@
 // conflict-free fragment loads), weight scales as 16 B x BN boxes, activation rows as 1-D bulk
 // copies, and the metadata (row ids, routing weights, activation scales) into a ring of mbarrier
 // stages that runs across tile boundaries, so HBM never waits for a tile's epilogue and the
-// consumers never wait on global memory. Eight consumer warps = BN/16 column groups x (8 / (BN/16))
-// K-slices; per 32-K chunk a warp converts its 16 columns of both slots E2M1 -> e4m3 (w4a8; 7
+// consumers never wait on global memory. Consumer warps = BN/16 column groups x K-slices (BN = 64:
+// 4 x 2, BN = 48: 3 x 4, see launch_bn); per 32-K chunk a warp converts its 16 columns of both slots E2M1 -> e4m3 (w4a8; 7
 // integer instructions per 8 codes, exact up to a factor 2^-6) or -> bf16 (w4a16, byte-permute
 // table) in registers and runs an m16n8k32 e4m3 MMA (two m16n8k16 bf16 MMAs) per 8 rows with a
 // zero accumulator: that is dot32. (On sm_90 the e4m3 mma.sync runs as F2FP conversions to f16 plus
@@ -72,10 +72,10 @@ template <int MODE, int NW, int BN>
 struct Layout {
   static constexpr int kCG = BN / 16;                    // column groups (16 columns = MMA M side)
   static constexpr int kKSplit = BN == 64 ? 2 : 4;       // K-slices
-  static constexpr int kWarps = kCG * kKSplit;           // consumer warps: 8 (BN 32, 64) or 12 (BN 48)
+  static constexpr int kWarps = kCG * kKSplit;           // consumer warps: 8 (BN 64) or 12 (BN 48)
   static constexpr int kThreads = (kWarps + 1) * 32;     // + 1 producer warp
   static constexpr int kCPW = kChunks / kKSplit;        // chunks per warp and stage
-  static_assert(BN == 32 || BN == 48 || BN == 64, "slots of 32, 48 or 64 columns: 4 or 8 chunks per warp and stage");
+  static_assert(BN == 48 || BN == 64, "slots of 48 or 64 columns: 4 or 8 chunks per warp and stage");
   static constexpr int kActBytes = MODE == kW4A8 ? 1 : 2;
   // activation row in smem: 512 K + 32 B (fp8) / 64 B (bf16) padding: conflict-free fragment loads
   static constexpr int kActRow = kStageK * kActBytes + (MODE == kW4A8 ? 32 : 64);
@@ -266,7 +266,7 @@ __device__ __forceinline__ void stage_compute(const uint8_t* st, int cg, int kq,
   constexpr int CPW = L::kCPW;
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int c0 = kq * CPW;  // first chunk; CPW = 8: box half kq, units 0..7; CPW = 4: units 4(kq & 1) + ci
+  const int c0 = kq * CPW;  // first chunk; CPW = 8: box half kq, units 0..7; CPW = 4: units 4 (kq & 1) + ci
   const uint8_t* wrow = st + L::kWOff + (c0 >> 3) * L::kWBox + (cg * 16 + g) * 128 + 4 * t;
   const uint8_t* arow = st + L::kAOff + g * L::kActRow + c0 * 32 * L::kActBytes + (MODE == kW4A8 ? 8 : 16) * t;
   const float* msx = reinterpret_cast<const float*>(st + L::kMOff + 2 * kRows * 4) + 2 * t * 4 + (c0 >> 2);
@@ -697,23 +697,23 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
   check_launch("mxfp4_decode_kernel");
 }
 
-// Slot width: 64 columns when that gives two tiles per SM, else 32 (few experts: decode of a small
-// batch), so that the work spreads over the SMs. (16-column slots, measured on the H100 at decode
-// batch 1, ran at 39-47% of HBM against 64-80% for 32 and 64: 2 chunks per warp and stage are too
-// few to carry the per-stage costs.) V4K_MOE_DECODE_BN=32|64 forces one (profiling:
-// scripts/profile_moe_decode.py).
+// Slot width: 64 columns (8 consumer warps) when that gives at least 2.5 tiles per SM, else 48 (12
+// consumer warps; few experts: decode of a small batch). Measured on the H100 (profile_moe_decode.py
+// --widths): with 64 experts 64 columns beat 48 by 4-11%; with 6 experts of one token each 48 columns
+// took 27.2 / 15.1 / 61.9 us for Flash W1W3 / Flash W2 / Pro W1W3 against 32.5 / 17.4 / 75.7 for 64
+// (Pro W2, 3.3 tiles per SM at 64: 38.3 against 36.7). 32- and 16-column slots (4 and 2 chunks per
+// warp and stage) were slower everywhere. V4K_MOE_DECODE_BN=48|64 forces one (profiling).
 template <int MODE, int NW>
 void launch_bn(const Params& p, const void* const w[2], const void* const ws[2], cudaStream_t stream) {
   int bn = 0;
   if (const char* env = std::getenv("V4K_MOE_DECODE_BN")) bn = std::atoi(env);
-  if (bn != 32 && bn != 48 && bn != 64) {
+  if (bn != 48 && bn != 64) {
     const int64_t blocks = int64_t(p.E < p.M ? p.E : p.M) + p.M / kRows;
     const int t64 = Layout<MODE, NW, 64>::kTileN;
-    bn = blocks * ((p.N + t64 - 1) / t64) >= 2 * int64_t(sm_count()) ? 64 : 32;
+    bn = 2 * blocks * ((p.N + t64 - 1) / t64) >= 5 * int64_t(sm_count()) ? 64 : 48;
   }
   if (bn == 64) launch<MODE, NW, 64>(p, w, ws, stream);
-  else if (bn == 48) launch<MODE, NW, 48>(p, w, ws, stream);
-  else launch<MODE, NW, 32>(p, w, ws, stream);
+  else launch<MODE, NW, 48>(p, w, ws, stream);
 }
 
 }  // namespace
