@@ -699,10 +699,10 @@ void launch(const Params& p, const void* const w[2], const void* const ws[2], cu
 
 // Slot width: 64 columns (8 consumer warps) when that gives at least 2.5 tiles per SM, else 48 (12
 // consumer warps; few experts: decode of a small batch). Measured on the H100 (profile_moe_decode.py
-// --widths): with 64 experts 64 columns beat 48 by 4-11%; with 6 experts of one token each 48 columns
+// --widths): with 64 experts 64 columns beat 48 by 6-12%; with 6 experts of one token each 48 columns
 // took 27.2 / 15.1 / 61.9 us for Flash W1W3 / Flash W2 / Pro W1W3 against 32.5 / 17.4 / 75.7 for 64
-// (Pro W2, 3.3 tiles per SM at 64: 38.3 against 36.7). 32- and 16-column slots (4 and 2 chunks per
-// warp and stage) were slower everywhere. V4K_MOE_DECODE_BN=48|64 forces one (profiling).
+// (Pro W2, 2.5 tiles per SM at 64: 38.3 against 36.7). 32- and 16-column slots (8 warps, 4 and 2
+// chunks per warp and stage) were never the fastest. V4K_MOE_DECODE_BN=48|64 forces one (profiling).
 template <int MODE, int NW>
 void launch_bn(const Params& p, const void* const w[2], const void* const ws[2], cudaStream_t stream) {
   int bn = 0;
