@@ -258,7 +258,9 @@ def moe_grouped_gemm_mxfp4(
         ``acc += dot32(xq, Wq) * sx * sW``) or "w4a16" (bf16 activations, dequantized weights).
 
     Numerics of the kernels (all sum the reference's exact products in another order):
-    the CUDA decode kernel sums each 32-K chunk on the tensor cores; the Triton W4A8 prefill
+    the CUDA decode kernel (sm_90a; K a multiple of 512, at most 1024 experts, few rows per expert)
+    sums each 32-K chunk on the tensor cores and the chunks of a 128-K block before the activation
+    scale; the Triton W4A8 prefill
     kernel writes each weight as the e4m3 value ``E2M1 * 2^(sW - R + 6)`` (R = the largest
     e8m0 scale of the weight row) and sums a 128-K block per FP8 MMA before the fp32 promotion
     ``acc += block * sx``. That is exact for every 32-block whose scale is >= R - 11; blocks
