@@ -23,6 +23,11 @@ int64_t mhc_pre_slice(int64_t K);
 void mhc_pre_launch(const void* x, const void* fn, const void* base, const void* scale, void* part, void* cnt,
                     void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps, double hc_eps,
                     int64_t iters, int device, cudaStream_t stream);
+void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh, const int* tok_pos, const void* cache,
+                            const int64_t* rows, const int64_t* scw, const int* nkeys, int64_t NK, const float* sink,
+                            const float* cos, const float* sin, int64_t max_pos, void* out, int64_t stride_ot,
+                            int64_t stride_oh, float* lse, int64_t stride_lt, float* po, float* pl, int64_t T,
+                            int64_t H, int64_t num_splits, cudaStream_t stream);
 }
 
 namespace {
@@ -153,6 +158,63 @@ void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps
                       device, v4k::current_stream(device));
 }
 
+// ---- attention loop over the FP8 paged caches (csrc/attention/sparse_attn_fwd.cu) ----
+// Python (v4kernels/cuda/attention.py) hands over the Triton key-row kernel's outputs: rows / scw int64 [T, NK]
+// (byte offsets from `cache`'s data pointer, -1 = ignored), nkeys int32 [T]; q bf16 [T, H, 512] (last dim
+// contiguous, 16-byte aligned rows); out bf16 [T, H, 512] or, when num_splits > 1, fp32 partials po
+// [T, S, H, 512] and pl [T, S, H] for the combine kernel.
+void sparse_attn_fwd(Tensor q, Tensor tok_pos, Tensor cache, Tensor rows, Tensor scw, Tensor nkeys,
+                     std::optional<Tensor> sink, std::optional<Tensor> cos, std::optional<Tensor> sin, Tensor out,
+                     Tensor lse, std::optional<Tensor> po, std::optional<Tensor> pl, int64_t num_splits) {
+  STD_TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.size(2) == 512 && q.element_size() == 2 && q.stride(2) == 1,
+                  "sparse_attn_fwd: q must be bf16 [T, H, 512] with a contiguous last dim");
+  const int64_t T = q.size(0), H = q.size(1);
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0,
+                  "sparse_attn_fwd: q rows must be 16-byte aligned");
+  STD_TORCH_CHECK(rows.is_contiguous() && scw.is_contiguous() && rows.dim() == 2 && rows.size(0) == T &&
+                      rows.element_size() == 8 && scw.dim() == 2 && scw.size(0) == T && scw.size(1) == rows.size(1) &&
+                      scw.element_size() == 8,
+                  "sparse_attn_fwd: rows / scw must be contiguous int64 [T, NK]");
+  STD_TORCH_CHECK(nkeys.is_contiguous() && nkeys.numel() == T && nkeys.element_size() == 4 && tok_pos.is_contiguous() &&
+                      tok_pos.numel() == T && tok_pos.element_size() == 4,
+                  "sparse_attn_fwd: nkeys / tok_pos must be contiguous int32 [T]");
+  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, "sparse_attn_fwd: cache must be 16-byte aligned");
+  STD_TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == 512 &&
+                      out.element_size() == 2 && out.stride(2) == 1 && out.stride(1) % 2 == 0 &&
+                      out.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0,
+                  "sparse_attn_fwd: out must be bf16 [T, H, 512] with a contiguous last dim, 4-byte aligned rows");
+  STD_TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H && lse.element_size() == 4 && lse.stride(1) == 1,
+                  "sparse_attn_fwd: lse must be fp32 [T, H] with a contiguous last dim");
+  STD_TORCH_CHECK(sink.has_value() ? (sink->is_contiguous() && sink->numel() >= H && sink->element_size() == 4) : true,
+                  "sparse_attn_fwd: attn_sink must be contiguous fp32 [H]");
+  STD_TORCH_CHECK(cos.has_value() == sin.has_value(), "sparse_attn_fwd: rope_cos and rope_sin go together");
+  if (cos.has_value()) {
+    STD_TORCH_CHECK(cos->is_contiguous() && sin->is_contiguous() && cos->dim() == 2 && cos->size(1) == 32 &&
+                        sin->dim() == 2 && sin->size(0) == cos->size(0) && sin->size(1) == 32 &&
+                        cos->element_size() == 4 && sin->element_size() == 4,
+                    "sparse_attn_fwd: rope_cos / rope_sin must be contiguous fp32 [max_pos, 32]");
+  }
+  STD_TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "sparse_attn_fwd: num_splits must be in [1, 65535]");
+  if (num_splits > 1) {
+    STD_TORCH_CHECK(po.has_value() && pl.has_value() && po->is_contiguous() && pl->is_contiguous() &&
+                        po->numel() == T * num_splits * H * 512 && pl->numel() == T * num_splits * H &&
+                        po->element_size() == 4 && pl->element_size() == 4,
+                    "sparse_attn_fwd: split partials must be contiguous fp32 po [T, S, H, 512] and pl [T, S, H]");
+  }
+  const int device = q.get_device_index();
+  v4k::DeviceGuard guard(device);
+  v4k::sparse_attn_fwd_launch(
+      q.data_ptr(), q.stride(0), q.stride(1), static_cast<const int*>(tok_pos.data_ptr()), cache.data_ptr(),
+      static_cast<const int64_t*>(rows.data_ptr()), static_cast<const int64_t*>(scw.data_ptr()),
+      static_cast<const int*>(nkeys.data_ptr()), rows.size(1),
+      sink.has_value() ? static_cast<const float*>(sink->data_ptr()) : nullptr,
+      cos.has_value() ? static_cast<const float*>(cos->data_ptr()) : nullptr,
+      sin.has_value() ? static_cast<const float*>(sin->data_ptr()) : nullptr, cos.has_value() ? cos->size(0) : 0,
+      out.data_ptr(), out.stride(0), out.stride(1), static_cast<float*>(lse.data_ptr()), lse.stride(0),
+      num_splits > 1 ? static_cast<float*>(po->data_ptr()) : nullptr,
+      num_splits > 1 ? static_cast<float*>(pl->data_ptr()) : nullptr, T, H, num_splits, v4k::current_stream(device));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(v4kernels_C, m) {
@@ -164,6 +226,9 @@ STABLE_TORCH_LIBRARY(v4kernels_C, m) {
         "float swiglu_limit, Tensor(a!) out) -> ()");
   m.def("mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, float norm_eps, float hc_eps, int iters, "
         "Tensor(a!) part, Tensor(b!) cnt, Tensor(c!) y, Tensor(d!) post, Tensor(e!) comb, Tensor(f!) pre) -> ()");
+  m.def("sparse_attn_fwd(Tensor q, Tensor tok_pos, Tensor cache, Tensor rows, Tensor scw, Tensor nkeys, "
+        "Tensor? sink, Tensor? cos, Tensor? sin, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? po, Tensor(d!)? pl, "
+        "int num_splits) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {
@@ -171,6 +236,7 @@ STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {
   m.impl("moe_mxfp4_decode_gemm", TORCH_BOX(&moe_mxfp4_decode_gemm));
   m.impl("moe_mxfp4_decode_swiglu", TORCH_BOX(&moe_mxfp4_decode_swiglu));
   m.impl("mhc_pre_out", TORCH_BOX(&mhc_pre_out));
+  m.impl("sparse_attn_fwd", TORCH_BOX(&sparse_attn_fwd));
 }
 
 // Importing v4kernels._C runs the static registrations above; the module itself is empty.

@@ -332,11 +332,12 @@ def _poisoned_run(fn, oshape, case_name):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,H,topk,ctx,B", [
     ("csa", 64, 512, 8192, 4), ("csa", 128, 1024, 8192, 2), ("hca", 64, 0, 65536, 1), ("hca", 128, 0, 32768, 2),
     ("swa", 64, 0, 1000, 8),
 ], ids=["flash-csa", "pro-csa", "flash-hca64K", "pro-hca32K", "flash-swa"])
-def test_cuda_v4_shapes(kind, H, topk, ctx, B):
+def test_cuda_v4_shapes(backend, kind, H, topk, ctx, B):
     """Two query tokens per sequence at V4 shapes: auto splits, the direct path and forced splits."""
     g = make_generator(f"cuda-{kind}-{H}")
     case = make_case(g, kind, [ctx - 17 * b for b in range(B)], [2] * B, H, wps=64, cps=64, topk=max(topk, 1),
@@ -344,17 +345,18 @@ def test_cuda_v4_shapes(kind, H, topk, ctx, B):
     ref = _ref_prefill({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
     for splits in (0, 1, 7):
         out, lse = _poisoned_run(
-            lambda o, l: A.sparse_attn_prefill(**case, num_splits=splits, out=o, lse_out=l, backend="triton"),
+            lambda o, l: A.sparse_attn_prefill(**case, num_splits=splits, out=o, lse_out=l, backend=backend),
             tuple(case["q"].shape), f"{kind} H{H} splits{splits}")
         check_attn(out, lse, *ref, f"{kind} H{H} splits{splits}")
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,H,topk,ctx,B", [
     ("csa", 64, 512, 2100, 1), ("csa", 64, 512, 2100, 64), ("csa", 128, 1024, 4200, 1), ("csa", 128, 1024, 4200, 16),
     ("hca", 64, 0, 70000, 1), ("swa", 64, 0, 300, 64),
 ], ids=["flash-csa-b1", "flash-csa-b64", "pro-csa-b1", "pro-csa-b16", "flash-hca70K-b1", "flash-swa-b64"])
-def test_cuda_decode_batch(kind, H, topk, ctx, B):
+def test_cuda_decode_batch(backend, kind, H, topk, ctx, B):
     """Decode (s_q = 1) with the plan's split factor at the benchmark's batch sizes (batch 1: split-KV +
     combine; batch 64: direct path), fused inverse RoPE, NaN-poisoned outputs."""
     g = make_generator(f"cuda-decode-{kind}-{H}-{B}")
@@ -365,7 +367,7 @@ def test_cuda_decode_batch(kind, H, topk, ctx, B):
     d = decode_view(case, 1)
     cap = case["compressed_block_table"].shape[1] * 64 if kind == "hca" else 0
     plan = A.attention_plan(d["seq_lens"], H, s_q=1, csa_topk=topk, hca_capacity=cap)
-    out, lse = _poisoned_run(lambda o, l: A.sparse_attn_decode(**d, plan=plan, out=o, lse_out=l, backend="triton"),
+    out, lse = _poisoned_run(lambda o, l: A.sparse_attn_decode(**d, plan=plan, out=o, lse_out=l, backend=backend),
                              (B, 1, H, 512), f"decode {kind} H{H} B{B}")
     ref = A.sparse_attn_decode(**{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()},
                                backend="reference")
@@ -374,31 +376,33 @@ def test_cuda_decode_batch(kind, H, topk, ctx, B):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,H,topk", [("csa", 64, 512), ("hca", 128, 0)], ids=["flash-csa", "pro-hca"])
-def test_cuda_prefill_chunk(kind, H, topk):
+def test_cuda_prefill_chunk(backend, kind, H, topk):
     """A 384-token prefill chunk at the end of a 9000-token sequence (direct path, one program per token and
     head block), next to a second sequence of 5 tokens from position 0 (keys fewer than one tile)."""
     g = make_generator(f"cuda-prefill-{kind}-{H}")
     case = make_case(g, kind, [9000, 5], [384, 5], H, wps=64, cps=64, topk=max(topk, 1), device="cuda",
                      invalid_frac=0.02)
     ref = _ref_prefill({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in case.items()})
-    out, lse = _poisoned_run(lambda o, l: A.sparse_attn_prefill(**case, out=o, lse_out=l, backend="triton"),
+    out, lse = _poisoned_run(lambda o, l: A.sparse_attn_prefill(**case, out=o, lse_out=l, backend=backend),
                              tuple(case["q"].shape), f"prefill {kind} H{H}")
     check_attn(out, lse, *ref, f"prefill {kind} H{H}")
 
 
 @pytest.mark.cuda
-def test_cuda_graph_decode():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_decode(backend):
     g = make_generator("graph")
     case = make_case(g, "csa", [3000, 700], [1, 1], 64, wps=64, cps=64, topk=512, device="cuda")
     d = decode_view(case, 1)
     plan = A.attention_plan(d["seq_lens"], 64, s_q=1, csa_topk=512)
     out = torch.empty(2, 1, 64, 512, dtype=torch.bfloat16, device="cuda")
     lse = torch.empty(2, 1, 64, device="cuda")
-    A.sparse_attn_decode(**d, plan=plan, out=out, lse_out=lse, backend="triton")
+    A.sparse_attn_decode(**d, plan=plan, out=out, lse_out=lse, backend=backend)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        A.sparse_attn_decode(**d, plan=plan, out=out, lse_out=lse, backend="triton")
+        A.sparse_attn_decode(**d, plan=plan, out=out, lse_out=lse, backend=backend)
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()

@@ -236,38 +236,55 @@ def _ref_prefill(q, cu, seq_lens, wc, wbt, cc, cbt, idx, tkl, sink, kind, wps, c
 
 
 def _tri_decode_into(q, wc, wbt, cc, cbt, idx, tkl, seq_lens, sink, kind, wps, cps, ring, cos, sin, plan_tokens,
-                     num_splits, out, lse):
+                     num_splits, out, lse, main="triton"):
     B, s_q, H, D = q.shape
     ts, tp = _tokens_decode(seq_lens, s_q, plan_tokens)
     # topk_lens is per sequence: the kernel indexes it by the token's sequence (no gather launch)
     tri.sparse_attention(
         q.view(B * s_q, H, D), ts, tp, wc, wbt, cc, cbt, idx.view(B * s_q, -1) if idx is not None else None,
         tkl, sink, kind, wps, cps, ring, cos, sin, num_splits, out.view(B * s_q, H, D), lse.view(B * s_q, H),
-        topk_lens_per_seq=True,
+        topk_lens_per_seq=True, main=main,
     )
 
 
 def _tri_decode(q, wc, wbt, cc, cbt, idx, tkl, seq_lens, sink, kind, wps, cps=1, ring=0, cos=None, sin=None,
-                plan_tokens=None, num_splits=0):
+                plan_tokens=None, num_splits=0, main="triton"):
     out, lse = _fake_decode(q)
     _tri_decode_into(q, wc, wbt, cc, cbt, idx, tkl, seq_lens, sink, kind, wps, cps, ring, cos, sin, plan_tokens,
-                     num_splits, out, lse)
+                     num_splits, out, lse, main)
     return out, lse
 
 
 def _tri_prefill_into(q, cu, seq_lens, wc, wbt, cc, cbt, idx, tkl, sink, kind, wps, cps, ring, cos, sin,
-                      plan_tokens, num_splits, out, lse):
+                      plan_tokens, num_splits, out, lse, main="triton"):
     ts, tp = _tokens_prefill(cu, seq_lens, q.shape[0], plan_tokens)
     tri.sparse_attention(q, ts, tp, wc, wbt, cc, cbt, idx, tkl, sink, kind, wps, cps, ring, cos, sin, num_splits,
-                         out, lse)
+                         out, lse, main=main)
 
 
 def _tri_prefill(q, cu, seq_lens, wc, wbt, cc, cbt, idx, tkl, sink, kind, wps, cps=1, ring=0, cos=None, sin=None,
-                 plan_tokens=None, num_splits=0):
+                 plan_tokens=None, num_splits=0, main="triton"):
     out, lse = _fake_prefill(q)
     _tri_prefill_into(q, cu, seq_lens, wc, wbt, cc, cbt, idx, tkl, sink, kind, wps, cps, ring, cos, sin,
-                      plan_tokens, num_splits, out, lse)
+                      plan_tokens, num_splits, out, lse, main)
     return out, lse
+
+
+# CUDA backend: the same launcher with the sm_90a attention loop (v4kernels/cuda/attention.py)
+def _cuda_decode(*args, **kwargs):
+    return _tri_decode(*args, **kwargs, main="cuda")
+
+
+def _cuda_prefill(*args, **kwargs):
+    return _tri_prefill(*args, **kwargs, main="cuda")
+
+
+def _cuda_decode_into(*args):
+    _tri_decode_into(*args, main="cuda")
+
+
+def _cuda_prefill_into(*args):
+    _tri_prefill_into(*args, main="cuda")
 
 
 def _fake_decode(q, *args, **kwargs):
@@ -295,11 +312,11 @@ _PREFILL_ARGS = (
 
 sparse_attn_decode_op = define_op(
     f"sparse_attn_decode({_DECODE_ARGS}, *, str? backend=None) -> (Tensor, Tensor)",
-    check=_check_decode, reference=_ref_decode, fake=_fake_decode, triton=_tri_decode,
+    check=_check_decode, reference=_ref_decode, fake=_fake_decode, triton=_tri_decode, cuda=_cuda_decode,
 )
 sparse_attn_prefill_op = define_op(
     f"sparse_attn_prefill({_PREFILL_ARGS}, *, str? backend=None) -> (Tensor, Tensor)",
-    check=_check_prefill, reference=_ref_prefill, fake=_fake_prefill, triton=_tri_prefill,
+    check=_check_prefill, reference=_ref_prefill, fake=_fake_prefill, triton=_tri_prefill, cuda=_cuda_prefill,
 )
 
 
@@ -340,11 +357,11 @@ for _a in ("int compressed_page_size=1", "int window_ring=0", "Tensor? rope_cos=
 
 sparse_attn_decode_out_op = define_op(
     f"sparse_attn_decode_out({_DECODE_OUT_ARGS}, Tensor(a!) out, Tensor(b!) lse, *, str? backend=None) -> ()",
-    check=_cd, reference=_rd, fake=lambda *a, **k: None, triton=_td,
+    check=_cd, reference=_rd, fake=lambda *a, **k: None, triton=_td, cuda=_cuda_decode_into,
 )
 sparse_attn_prefill_out_op = define_op(
     f"sparse_attn_prefill_out({_PREFILL_OUT_ARGS}, Tensor(a!) out, Tensor(b!) lse, *, str? backend=None) -> ()",
-    check=_cp, reference=_rp, fake=lambda *a, **k: None, triton=_tp,
+    check=_cp, reference=_rp, fake=lambda *a, **k: None, triton=_tp, cuda=_cuda_prefill_into,
 )
 
 

@@ -371,13 +371,14 @@ ROWS_WORKSPACE_BYTES = 64 << 20  # per-launch bound of the key-row workspace (16
 def sparse_attention(
     q, tok_seq, tok_pos, window_cache, window_block_table, compressed_cache, compressed_block_table, indices,
     topk_lens, attn_sink, kind, window_page_size, compressed_page_size, window_ring, rope_cos, rope_sin,
-    num_splits, out, lse, topk_lens_per_seq=False,
+    num_splits, out, lse, topk_lens_per_seq=False, main="triton",
 ):
     """Token-major launcher. q [T, H, 512] bf16 (last dim contiguous); tok_seq/tok_pos int32 [T];
     indices [T, topk] int32 (CSA); topk_lens int32 [T] (or [B] with ``topk_lens_per_seq``) or None; writes
     out [T, H, 512] bf16 (last dim contiguous) and lse fp32 [T, H]. Three launches per chunk of tokens: key
     rows, attention, and (split-KV) the combine; no host sync (CUDA-graph safe: workspaces come from the
-    caching allocator)."""
+    caching allocator). ``main="cuda"``: the attention loop is the sm_90a kernel of v4kernels._C
+    (``v4kernels.cuda.attention``); the key-row and combine kernels are the same."""
     T, H, _ = q.shape
     if T == 0 or H == 0:
         return
@@ -404,12 +405,12 @@ def sparse_attention(
         tkl = topk_lens if (topk_lens_per_seq or topk_lens is None) else topk_lens[t0:t1]
         _launch(q[t0:t1], tok_seq[t0:t1], tok_pos[t0:t1], window_cache, window_block_table, c_cache, c_bt, base,
                 indices[t0:t1] if csa else None, tkl, topk_lens_per_seq, attn_sink, kind, window_page_size, cps,
-                window_ring, rope_cos, rope_sin, num_splits, out[t0:t1], lse[t0:t1], NK, BH, BN, warps, stages)
+                window_ring, rope_cos, rope_sin, num_splits, out[t0:t1], lse[t0:t1], NK, BH, BN, warps, stages, main)
 
 
 def _launch(q, tok_seq, tok_pos, window_cache, window_block_table, c_cache, c_bt, base, indices, topk_lens,
             tkl_per_seq, attn_sink, kind, wps, cps, ring, rope_cos, rope_sin, num_splits, out, lse, NK, BH, BN, warps,
-            stages):
+            stages, main="triton"):
     T, H, _ = q.shape
     dev = q.device
     csa = kind == "csa"
@@ -443,16 +444,22 @@ def _launch(q, tok_seq, tok_pos, window_cache, window_block_table, c_cache, c_bt
         KIND=KIND_ID[kind], RATIO=RATIO[kind], HAS_TKLEN=csa and topk_lens is not None, TKLEN_PER_SEQ=tkl_per_seq,
         BLOCK=RB, num_warps=4,
     )
-    _attn_kernel[(T, num_splits, triton.cdiv(H, BH))](
-        q, q.stride(0), q.stride(1), tok_pos,
-        base, base.view(torch.bfloat16), rows, scw, nkeys, NK,
-        sink, cos, sin, max_pos,
-        out, out.stride(0), out.stride(1), lse, lse.stride(0),
-        po, pl,
-        H, num_splits, (512 ** -0.5) * LOG2E,
-        HAS_SINK=attn_sink is not None, HAS_ROPE=has_rope, DIRECT=direct, NATIVE_FP8=on_gpu, DOT_BF16=on_gpu,
-        BH=BH, BN=BN, num_warps=warps, num_stages=stages,
-    )
+    if main == "cuda":
+        from ..cuda.attention import attention_loop
+
+        attention_loop(q, tok_pos, base, rows, scw, nkeys, attn_sink, rope_cos if has_rope else None,
+                       rope_sin if has_rope else None, out, lse, po, pl, num_splits)
+    else:
+        _attn_kernel[(T, num_splits, triton.cdiv(H, BH))](
+            q, q.stride(0), q.stride(1), tok_pos,
+            base, base.view(torch.bfloat16), rows, scw, nkeys, NK,
+            sink, cos, sin, max_pos,
+            out, out.stride(0), out.stride(1), lse, lse.stride(0),
+            po, pl,
+            H, num_splits, (512 ** -0.5) * LOG2E,
+            HAS_SINK=attn_sink is not None, HAS_ROPE=has_rope, DIRECT=direct, NATIVE_FP8=on_gpu, DOT_BF16=on_gpu,
+            BH=BH, BN=BN, num_warps=warps, num_stages=stages,
+        )
     if not direct:
         # tokens x head blocks x dim blocks programs; few tokens (batch-1 decode): 8 heads x 32 dims per program,
         # so that >= 128 programs share the partial reads, 16 splits per step in flight

@@ -1,0 +1,490 @@
+// Sparse / dense-compressed / window attention over the FP8 paged KV584 caches, sm_90a (Hopper).
+//
+// The attention loop of the `sparse_attn_*` ops' CUDA backend. The key-row translation (window ring, block
+// tables, CSA index rows, HCA ranges -> byte offsets of cache rows + their 8 scale bytes, -1 = ignored key)
+// and the split-KV combine are the Triton backend's kernels (python/v4kernels/triton/attention.py); this
+// kernel replaces the Triton attention kernel between them, with the same inputs and outputs.
+//
+// One CTA = one query token x one split of its key list x a block of 64 heads (V4 attention is MQA: the 64
+// heads are the wgmma M dimension and share each dequantised KV tile). Three warpgroups:
+//   * WG0, producer: per tile of 64 keys it reads the tile's row offsets / scale words (loaded
+//     one tile ahead), gathers the 64 cache rows (576 B each: 448 e4m3 bytes + 64 bf16 rope dims) with
+//     coalesced 16-byte loads straight into registers, waits for the ring stage to be free, dequantises
+//     (e4m3 -> f16x2 in one cvt, * 2^(e8m0 - 127) in fp32: exact, -> bf16) and stores the bf16 tile
+//     [8 chunks][64 keys][64 dims] in the 128-byte-swizzled layout wgmma reads; then a per-key mask.
+//   * WG1 / WG2, consumers: each computes S = Q K^T for all 64 heads x 64 keys (32 wgmma
+//     m64n64k16, Q and K from shared memory; both warpgroups compute the same S, which keeps them
+//     independent), the base-2 online softmax in registers, and O[:, 256 dims of its own] += bf16(P) V with
+//     4 wgmma m64n256k16 (P from registers, V = the same tile read N-major). The accumulator is 64 x 256
+//     fp32 per warpgroup = 128 registers per thread.
+//   The ring has 2 stages of 64 KB; Q takes 64 KB: 197 KB of shared memory, one CTA per SM. All warps run
+//   with the launch's 168 registers (ptxas allocates every region within the entry count, so setmaxnreg
+//   could only lower the producer's; the consumers' 128 accumulator + 32 score registers fit in 168).
+// Epilogue: as the Triton kernel (`_attn_kernel`): direct (one split) o = O / (l + 2^(sink*log2e - m)),
+// lse, bf16 rounding, optional inverse RoPE of dims 448.. at the token's position; or fp32 partials
+// O / l and m + log2 l for the combine.
+//
+// Numerics: as the Triton kernel (bf16 Q, K, V and P on the tensor cores, fp32 accumulation, exp2 with the
+// scale folded into log2 units, l summed from the fp32 p); fp32 sums in another order.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/stream.h"
+
+namespace v4k {
+namespace {
+
+constexpr int kHeads = 64;                   // heads per CTA: wgmma M
+constexpr int kBN = 64;                      // keys per tile
+constexpr int kStages = 2;                   // KV ring stages
+constexpr int kChunkBytes = 64 * 128;        // one [64 rows][64 dims] bf16 block (128-byte rows, swizzled)
+constexpr int kTileBytes = 8 * kChunkBytes;  // [8 chunks][64 rows][64 dims] = 512 dims x 64 rows
+constexpr int kRowBytes = 576;               // cache row data: 448 e4m3 + 64 bf16
+constexpr int kUnits = kRowBytes / 16;       // 16-byte units per row: 28 e4m3 + 8 rope
+constexpr int kProducers = 128;             // one producer warpgroup
+constexpr int kUnitsPerThread = kBN * kUnits / kProducers;  // 18
+constexpr int kThreads = 384;
+// register budgets of the two roles (setmaxnreg; 128 * P + 256 * C <= 64K)
+#ifndef V4K_ATTN_PRODUCER_REGS
+#define V4K_ATTN_PRODUCER_REGS 112
+#endif
+constexpr int kProducerRegs = V4K_ATTN_PRODUCER_REGS;
+constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / 256 / 8 * 8;
+// shared memory map (offsets from a 1024-aligned base)
+constexpr int kOffQ = 0;
+constexpr int kOffKV = kTileBytes;
+constexpr int kOffRow = kOffKV + kStages * kTileBytes;      // int64 [stages][64]
+constexpr int kOffScw = kOffRow + kStages * kBN * 8;        // int64 [stages][64]
+constexpr int kOffMask = kOffScw + kStages * kBN * 8;       // float [stages][64]: 1 valid, 0 ignored
+constexpr int kOffBar = kOffMask + kStages * kBN * 4;       // mbarriers: full[stages], empty[stages]
+constexpr int kSmemBytes = kOffBar + 2 * kStages * 8 + 1024;  // + alignment slack
+
+struct AttnParams {
+  const __nv_bfloat16* q;
+  int64_t stride_qt, stride_qh;
+  const int* tok_pos;
+  const uint8_t* cache;  // base of the lower cache; rows are byte offsets from it
+  const int64_t* rows;
+  const int64_t* scw;
+  const int* nkeys;
+  int64_t NK;
+  const float* sink;  // nullable
+  const float* cos;   // nullable (no inverse RoPE)
+  const float* sin;
+  int max_pos;
+  __nv_bfloat16* out;
+  int64_t stride_ot, stride_oh;
+  float* lse;
+  int64_t stride_lt;
+  float* po;  // split partials (num_splits > 1)
+  float* pl;
+  int H, num_splits;
+  float qk_scale;  // 512^-0.5 * log2(e)
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle. K-major operands: 8-row groups 1024 B apart
+// (SBO), LBO unused. N-major B: LBO = bytes between 64-element groups along N, SBO = between 8-row groups
+// along K.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+// byte offset of 16-byte column `col` of row `row` inside a 128-byte-swizzled block of 128-byte rows
+__device__ __forceinline__ uint32_t sw128_off(int row, int col) {
+  return static_cast<uint32_t>(row * 128 + ((col ^ (row & 7)) << 4));
+}
+
+// 16-byte load when `pred`, else zeros (predicated: no branch)
+__device__ __forceinline__ uint4 ldg_nc_v4_pred(const void* p, bool pred) {
+  uint4 v;
+  asm volatile(
+      "{\n.reg .pred q;\nsetp.ne.b32 q, %5, 0;\n"
+      "mov.b32 %0, 0;\nmov.b32 %1, 0;\nmov.b32 %2, 0;\nmov.b32 %3, 0;\n"
+      "@q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+__device__ __forceinline__ void sts_v4(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+// two e4m3 (low byte first) * scale -> bf16x2, exact (e4m3 -> f16 is exact, the power-of-two scale in fp32)
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t two, float scale) {
+  uint32_t h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(h2) : "h"(static_cast<uint16_t>(two)));
+  __half2 h = *reinterpret_cast<__half2*>(&h2);
+  float2 f = __half22float2(h);
+  __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
+  return *reinterpret_cast<uint32_t*>(&b);
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&b);
+}
+__device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, A and B K-major in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float* d, uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+// D[64 x 256] += A[64 x 16] * B[16 x 256], A in registers (bf16 fragments), B MN-major in shared memory.
+__device__ __forceinline__ void wgmma_m64n256k16_rs_tnspb(float* d, const uint32_t* a, uint64_t db) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1, 1;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+// Keeps the compiler from moving accesses of the 32 accumulator registers across wgmma issue / wait.
+__device__ __forceinline__ void fence_regs32(float* d) {
+  asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])::"memory");
+}
+// Keeps the compiler from moving accesses of the 128 accumulator registers across wgmma issue / wait.
+__device__ __forceinline__ void fence_regs128(float* d) {
+  asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])::"memory");
+}
+
+// One producer thread's share of a key row: 16-byte pieces U0 .. U0+17 of the 576-byte cache row at byte
+// offset `row` (-1: ignored key, nothing is loaded and the tile row is zeros). The loads are issued first;
+// the stores into the tile wait for the ring stage to be free (`empty` barrier).
+template <int U0>
+__device__ __forceinline__ void gather_row(const uint8_t* cache, int64_t row, int64_t sw, uint32_t krow, int key,
+                                           uint32_t empty_bar, uint32_t parity) {
+  const uint8_t* src = cache + (row >= 0 ? row : 0) + U0 * 16;
+  uint4 v[kUnitsPerThread];
+#pragma unroll
+  for (int j = 0; j < kUnitsPerThread; ++j) v[j] = ldg_nc_v4_pred(src + j * 16, row >= 0);
+  mbar_wait(empty_bar, parity);
+  const int x = key & 7;  // the 128-byte swizzle of this row
+#pragma unroll
+  for (int j = 0; j < kUnitsPerThread; ++j) {
+    const int u = U0 + j;
+    if (u < 28) {  // 16 e4m3 bytes = dims 16u .. 16u+15 = chunk u / 4, 16-byte columns 2(u%4), 2(u%4)+1
+      const int c = u >> 2;
+      const uint32_t e = static_cast<uint32_t>(sw >> (8 * c)) & 0xFF;
+      float scale = __uint_as_float(e << 23);  // 2^(e - 127) (e = 0 gives 0, as the Triton kernel)
+      if (e == 255) scale = __int_as_float(0x7fffffff);
+      if (sw < 0) scale = 0.f;  // ignored key: zeros were loaded -> a zero row
+      uint4 lo, hi;
+      lo.x = e4m3x2_to_bf16x2(v[j].x, scale);
+      lo.y = e4m3x2_to_bf16x2(v[j].x >> 16, scale);
+      lo.z = e4m3x2_to_bf16x2(v[j].y, scale);
+      lo.w = e4m3x2_to_bf16x2(v[j].y >> 16, scale);
+      hi.x = e4m3x2_to_bf16x2(v[j].z, scale);
+      hi.y = e4m3x2_to_bf16x2(v[j].z >> 16, scale);
+      hi.z = e4m3x2_to_bf16x2(v[j].w, scale);
+      hi.w = e4m3x2_to_bf16x2(v[j].w >> 16, scale);
+      const uint32_t blk = krow + c * kChunkBytes;
+      sts_v4(blk + (((u & 3) * 2) ^ x) * 16, lo);
+      sts_v4(blk + (((u & 3) * 2 + 1) ^ x) * 16, hi);
+    } else {  // 8 bf16 rope dims: chunk 7, column u - 28
+      sts_v4(krow + 7 * kChunkBytes + ((u - 28) ^ x) * 16, v[j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- producer
+__device__ __forceinline__ void producer(const AttnParams& p, uint8_t* sm, int t, int start, int end) {
+  const int tid = threadIdx.x;  // 0..127
+  const uint32_t s_base = smem_u32(sm);
+  int64_t* key_row = reinterpret_cast<int64_t*>(sm + kOffRow);
+  int64_t* key_scw = reinterpret_cast<int64_t*>(sm + kOffScw);
+  float* kmask = reinterpret_cast<float*>(sm + kOffMask);
+  const int64_t* rows_t = p.rows + static_cast<int64_t>(t) * p.NK;
+  const int64_t* scw_t = p.scw + static_cast<int64_t>(t) * p.NK;
+
+  // threads 0..63 hold the next tile's row offset and scale word (prefetched one tile ahead)
+  int64_t nrow = -1, nscw = -1;
+  if (tid < kBN && start + tid < end) {
+    nrow = __ldg(rows_t + start + tid);
+    nscw = __ldg(scw_t + start + tid);
+  }
+  int it = 0;
+  for (int kb = start; kb < end; kb += kBN, ++it) {
+    const int s = it % kStages;
+    const uint32_t phase = (it / kStages) & 1;
+    if (tid < kBN) {
+      key_row[s * kBN + tid] = nscw >= 0 ? nrow : -1;  // the rows kernel marks ignored keys in both words
+      key_scw[s * kBN + tid] = nscw;
+      const int nk = kb + kBN + tid;
+      nrow = -1, nscw = -1;
+      if (nk < end) {
+        nrow = __ldg(rows_t + nk);
+        nscw = __ldg(scw_t + nk);
+      }
+    }
+    producer_sync();
+    // thread -> key tid % 64, 16-byte pieces U0 .. U0+17 of its row (U0 = 0 for warps 0-1, 18 for warps 2-3:
+    // warp-uniform, so the piece offsets are compile-time constants)
+    const int key = tid & 63;
+    const uint32_t krow = s_base + kOffKV + s * kTileBytes + key * 128;
+    if (tid < 64) {
+      gather_row<0>(p.cache, key_row[s * kBN + key], key_scw[s * kBN + key], krow, key,
+                    s_base + kOffBar + (kStages + s) * 8, phase ^ 1);
+      kmask[s * kBN + key] = key_scw[s * kBN + key] >= 0 ? 1.f : 0.f;
+    } else {
+      gather_row<kUnitsPerThread>(p.cache, key_row[s * kBN + key], key_scw[s * kBN + key], krow, key,
+                                  s_base + kOffBar + (kStages + s) * 8, phase ^ 1);
+    }
+    fence_proxy_async();  // generic-proxy stores -> visible to wgmma (async proxy)
+    mbar_arrive(s_base + kOffBar + s * 8);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- consumer
+__device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t, int split, int hb, int start,
+                                         int end, int wg) {
+  const int tid = threadIdx.x & 127;
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
+  const uint32_t s_base = smem_u32(sm);
+  const float* kmask = reinterpret_cast<const float*>(sm + kOffMask);
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.f, 0.f};  // this thread's partial row sums (its 16 columns per tile); quad-summed at the end
+
+  int it = 0;
+  for (int kb = start; kb < end; kb += kBN, ++it) {
+    const int s = it % kStages;
+    mbar_wait(s_base + kOffBar + s * 8, (it / kStages) & 1);
+    const uint32_t tile = s_base + kOffKV + s * kTileBytes;
+    float sc[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sc[i] = 0.f;
+    fence_regs32(sc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 32; ++kk) {
+      const uint32_t off = (kk >> 2) * kChunkBytes + (kk & 3) * 32;
+      wgmma_m64n64k16_ss(sc, sw128_desc(s_base + kOffQ + off, 16, 1024), sw128_desc(tile + off, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs32(sc);
+
+    // online softmax in log2 units; rows g and g + 8 of this warp's 16 heads
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool ok = kmask[s * kBN + 8 * j + 2 * tq + (e & 1)] != 0.f;
+        const float x = ok ? sc[4 * j + e] * p.qk_scale : -INFINITY;
+        sc[4 * j + e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    }
+    float alpha[2], msafe[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float mn = fmaxf(m[r], mx[r]);
+      msafe[r] = mn == -INFINITY ? 0.f : mn;
+      alpha[r] = exp2f(m[r] - msafe[r]);
+      m[r] = mn;
+      l[r] *= alpha[r];
+    }
+    uint32_t pa[4][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = exp2f(sc[4 * j + e] - msafe[e >> 1]);
+        sc[4 * j + e] = pe;
+        l[e >> 1] += pe;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {  // keys 16kk .. 16kk+15 = n8 blocks 2kk, 2kk+1 -> the A fragment of k step kk
+      pa[kk][0] = pack_bf16(sc[8 * kk + 0], sc[8 * kk + 1]);
+      pa[kk][1] = pack_bf16(sc[8 * kk + 2], sc[8 * kk + 3]);
+      pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
+      pa[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+    fence_regs128(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      // V = the tile, N-major: 64-dim chunks 4wg .. 4wg+3 (LBO = one chunk block), keys 16kk.. (8 keys = 1 KB)
+      wgmma_m64n256k16_rs_tnspb(o, pa[kk], sw128_desc(tile + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024));
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs128(o);
+    mbar_arrive(s_base + kOffBar + (kStages + s) * 8);
+  }
+
+  // ---- epilogue
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  const int pos = p.tok_pos[t];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int head = hb * kHeads + warp * 16 + g + 8 * r;
+    if (head >= p.H) continue;
+    const bool has = l[r] > 0.f;
+    const float ms = has ? m[r] : 0.f;
+    const float lse2 = ms + log2f(has ? l[r] : 1.f);
+    if (p.num_splits == 1) {
+      float denom = l[r];
+      if (p.sink != nullptr) denom += exp2f(p.sink[head] * 1.4426950408889634f - ms);
+      if (wg == 0 && tq == 0) p.lse[t * p.stride_lt + head] = has ? lse2 * 0.6931471805599453f : INFINITY;
+      __nv_bfloat16* orow = p.out + t * p.stride_ot + head * p.stride_oh + 256 * wg;
+      const bool rope = p.cos != nullptr && pos >= 0 && pos < p.max_pos;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int d = 8 * j + 2 * tq;  // within this warpgroup's 256 dims
+        float x = round_bf16(has ? o[4 * j + 2 * r] / denom : 0.f);
+        float y = round_bf16(has ? o[4 * j + 2 * r + 1] / denom : 0.f);
+        if (wg == 1 && j >= 24 && rope) {  // dims 448.. : rotate by conj(freqs_cis[pos]) after the bf16 cast
+          const int pr = (d - 192) >> 1;    // pair index (256 + d - 448) / 2
+          const float cs = p.cos[static_cast<int64_t>(pos) * 32 + pr];
+          const float sn = p.sin[static_cast<int64_t>(pos) * 32 + pr];
+          const float x2 = x * cs + y * sn;
+          const float y2 = y * cs - x * sn;
+          x = round_bf16(x2);
+          y = round_bf16(y2);
+        }
+        *reinterpret_cast<__nv_bfloat162*>(orow + d) = __floats2bfloat162_rn(x, y);
+      }
+    } else {
+      const int64_t prow = (static_cast<int64_t>(t) * p.num_splits + split) * p.H + head;
+      if (wg == 0 && tq == 0) p.pl[prow] = has ? lse2 : -INFINITY;
+      float* dst = p.po + prow * 512 + 256 * wg;
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int d = 8 * j + 2 * tq;
+        float2 v;
+        v.x = has ? o[4 * j + 2 * r] / l[r] : 0.f;
+        v.y = has ? o[4 * j + 2 * r + 1] / l[r] : 0.f;
+        *reinterpret_cast<float2*>(dst + d) = v;
+      }
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_kernel(const __grid_constant__ AttnParams p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* sm = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const int t = blockIdx.x, split = blockIdx.y, hb = blockIdx.z;
+  const uint32_t s_base = smem_u32(sm);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(s_base + kOffBar + s * 8, kProducers);           // full: the producer threads
+      mbar_init(s_base + kOffBar + (kStages + s) * 8, 256);      // empty: the 256 consumer threads
+    }
+  }
+  // Q [64 heads][512] -> shared memory, [8 chunks][64 heads][64 dims] swizzled (heads >= H: zeros)
+  for (int idx = threadIdx.x; idx < kHeads * 64; idx += kThreads) {
+    const int h = idx >> 6, unit = idx & 63;
+    const int head = hb * kHeads + h;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (head < p.H) v = *reinterpret_cast<const uint4*>(p.q + t * p.stride_qt + head * p.stride_qh + unit * 8);
+    sts_v4(s_base + kOffQ + (unit >> 3) * kChunkBytes + sw128_off(h, unit & 7), v);
+  }
+  fence_proxy_async();
+  __syncthreads();
+
+  // this split's key range (as the Triton kernel: whole tiles per split)
+  const int n = p.nkeys[t];
+  const int per = (n + p.num_splits - 1) / p.num_splits;
+  const int chunk = (per + kBN - 1) / kBN * kBN;
+  const int start = split * chunk;
+  const int end = min(start + chunk, n);
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    producer(p, sm, t, start, end);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    consumer(p, sm, t, split, hb, start, end, wg - 1);
+  }
+}
+
+}  // namespace
+
+void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh, const int* tok_pos, const void* cache,
+                            const int64_t* rows, const int64_t* scw, const int* nkeys, int64_t NK, const float* sink,
+                            const float* cos, const float* sin, int64_t max_pos, void* out, int64_t stride_ot,
+                            int64_t stride_oh, float* lse, int64_t stride_lt, float* po, float* pl, int64_t T,
+                            int64_t H, int64_t num_splits, cudaStream_t stream) {
+  if (T <= 0 || H <= 0) return;
+  if (num_splits < 1 || num_splits > 65535) throw std::invalid_argument("sparse_attn_fwd: num_splits out of range");
+  static bool attr_set = false;  // per process; the attribute is per function and device-independent here
+  if (!attr_set) {
+    cudaError_t err = cudaFuncSetAttribute(sparse_attn_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           kSmemBytes);
+    if (err != cudaSuccess) throw std::runtime_error(std::string("sparse_attn_fwd: ") + cudaGetErrorString(err));
+    attr_set = true;
+  }
+  AttnParams p;
+  p.q = static_cast<const __nv_bfloat16*>(q);
+  p.stride_qt = stride_qt;
+  p.stride_qh = stride_qh;
+  p.tok_pos = tok_pos;
+  p.cache = static_cast<const uint8_t*>(cache);
+  p.rows = rows;
+  p.scw = scw;
+  p.nkeys = nkeys;
+  p.NK = NK;
+  p.sink = sink;
+  p.cos = cos;
+  p.sin = sin;
+  p.max_pos = static_cast<int>(max_pos);
+  p.out = static_cast<__nv_bfloat16*>(out);
+  p.stride_ot = stride_ot;
+  p.stride_oh = stride_oh;
+  p.lse = lse;
+  p.stride_lt = stride_lt;
+  p.po = po;
+  p.pl = pl;
+  p.H = static_cast<int>(H);
+  p.num_splits = static_cast<int>(num_splits);
+  p.qk_scale = static_cast<float>(0.044194173824159216 * 1.4426950408889634);  // 512^-0.5 * log2(e), as Triton's
+  dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(num_splits), static_cast<unsigned>((H + kHeads - 1) / kHeads));
+  sparse_attn_fwd_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  check_launch("sparse_attn_fwd_kernel");
+}
+
+}  // namespace v4k
