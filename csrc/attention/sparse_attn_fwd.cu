@@ -49,12 +49,16 @@ constexpr int kUnits = kRowBytes / 16;       // 16-byte units per row: 28 e4m3 +
 constexpr int kProducers = 128;             // one producer warpgroup
 constexpr int kUnitsPerThread = kBN * kUnits / kProducers;  // 18
 constexpr int kThreads = 384;
-// register budgets of the two roles (setmaxnreg; 128 * P + 256 * C <= 64K)
+// Register budgets of the two roles. The CTA launches with 384 x 168 registers (64K / 384, rounded down to a
+// multiple of 8); setmaxnreg.inc waits until the pool has the registers, so 128 P + 256 C <= 384 x 168 (more
+// would deadlock the consumers).
 #ifndef V4K_ATTN_PRODUCER_REGS
 #define V4K_ATTN_PRODUCER_REGS 112
 #endif
+constexpr int kLaunchRegs = 65536 / kThreads / 8 * 8;
 constexpr int kProducerRegs = V4K_ATTN_PRODUCER_REGS;
-constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / 256 / 8 * 8;
+constexpr int kConsumerRegs = (kThreads * kLaunchRegs - 128 * kProducerRegs) / 256 / 8 * 8;
+static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * kLaunchRegs, "register pool");
 // shared memory map (offsets from a 1024-aligned base)
 constexpr int kOffQ = 0;
 constexpr int kOffKV = kTileBytes;
