@@ -6,20 +6,20 @@
 // kernel replaces the Triton attention kernel between them, with the same inputs and outputs.
 //
 // One CTA = one query token x one split of its key list x a block of 64 heads (V4 attention is MQA: the 64
-// heads are the wgmma M dimension and share each dequantised KV tile). Three warpgroups:
-//   * WG0, producer: per tile of 64 keys it reads the tile's row offsets / scale words (loaded
-//     one tile ahead), gathers the 64 cache rows (576 B each: 448 e4m3 bytes + 64 bf16 rope dims) with
-//     coalesced 16-byte loads straight into registers, waits for the ring stage to be free, dequantises
-//     (e4m3 -> f16x2 in one cvt, * 2^(e8m0 - 127) in fp32: exact, -> bf16) and stores the bf16 tile
-//     [8 chunks][64 keys][64 dims] in the 128-byte-swizzled layout wgmma reads; then a per-key mask.
-//   * WG1 / WG2, consumers: each computes S = Q K^T for all 64 heads x 64 keys (32 wgmma
-//     m64n64k16, Q and K from shared memory; both warpgroups compute the same S, which keeps them
-//     independent), the base-2 online softmax in registers, and O[:, 256 dims of its own] += bf16(P) V with
-//     4 wgmma m64n256k16 (P from registers, V = the same tile read N-major). The accumulator is 64 x 256
-//     fp32 per warpgroup = 128 registers per thread.
-//   The ring has 2 stages of 64 KB; Q takes 64 KB: 197 KB of shared memory, one CTA per SM. All warps run
-//   with the launch's 168 registers (ptxas allocates every region within the entry count, so setmaxnreg
-//   could only lower the producer's; the consumers' 128 accumulator + 32 score registers fit in 168).
+// heads are the wgmma M dimension and share each dequantised KV tile). Tiles of 32 keys. Three warpgroups:
+//   * WG0 warp 0, the loader: per tile, lane k reads key k's row offset and scale word (one tile ahead) and
+//     bulk-copies its 576-byte cache row (448 e4m3 bytes + 64 bf16 rope dims) into a 4-stage raw ring
+//     (cp.async.bulk on an mbarrier: up to 4 tiles = 74 KB in flight per SM, no registers held).
+//   * WG0 warps 1-3, the converters: raw row -> bf16 tile [8 chunks][32 keys][64 dims] in the 128-byte
+//     swizzled layout wgmma reads (e4m3 -> f16x2 in one cvt, * 2^(e8m0 - 127) in fp32: exact, -> bf16), a
+//     2-stage ring; ignored keys become zero rows, and a per-key mask.
+//   * WG1 / WG2, the consumers: each computes S = Q K^T for all 64 heads x 32 keys (32 wgmma m64n32k16, Q
+//     and K from shared memory; both warpgroups compute the same S, which keeps them independent), the base-2
+//     online softmax in registers, and O[:, its 256 dims] += bf16(P) V with 2 wgmma m64n256k16 (P from
+//     registers, V = the same tile read N-major). The accumulator is 64 x 256 fp32 per warpgroup = 128
+//     registers per thread; Q (64 KB) is loaded by the consumers while the first rows stream in.
+//   Shared memory: Q 64 KB + bf16 ring 64 KB + raw ring 74 KB = 203 KB, one CTA per SM. Registers: the
+//   producer warpgroup gives some to the consumers (setmaxnreg 112 / 192).
 // Epilogue: as the Triton kernel (`_attn_kernel`): direct (one split) o = O / (l + 2^(sink*log2e - m)),
 // lse, bf16 rounding, optional inverse RoPE of dims 448.. at the token's position; or fp32 partials
 // O / l and m + log2 l for the combine.
@@ -39,15 +39,19 @@
 namespace v4k {
 namespace {
 
-constexpr int kHeads = 64;                   // heads per CTA: wgmma M
-constexpr int kBN = 64;                      // keys per tile
-constexpr int kStages = 2;                   // KV ring stages
-constexpr int kChunkBytes = 64 * 128;        // one [64 rows][64 dims] bf16 block (128-byte rows, swizzled)
-constexpr int kTileBytes = 8 * kChunkBytes;  // [8 chunks][64 rows][64 dims] = 512 dims x 64 rows
-constexpr int kRowBytes = 576;               // cache row data: 448 e4m3 + 64 bf16
-constexpr int kUnits = kRowBytes / 16;       // 16-byte units per row: 28 e4m3 + 8 rope
-constexpr int kProducers = 128;             // one producer warpgroup
-constexpr int kUnitsPerThread = kBN * kUnits / kProducers;  // 18
+constexpr int kHeads = 64;                    // heads per CTA: wgmma M
+constexpr int kBN = 32;                       // keys per tile
+constexpr int kStages = 2;                    // bf16 KV tile ring
+constexpr int kRawStages = 4;                 // raw cache-row ring (bulk copies in flight)
+constexpr int kRowBytes = 576;                // cache row data: 448 e4m3 + 64 bf16
+constexpr int kRawPitch = kRowBytes + 16;     // raw rows 592 B apart: the converters' 16-byte reads of 32 rows
+                                              // at one offset then hit 8 distinct bank groups
+constexpr int kUnits = kRowBytes / 16;        // 16-byte pieces per row: 28 e4m3 + 8 rope
+constexpr int kQChunkBytes = kHeads * 128;    // Q: [8 chunks][64 heads][64 dims] bf16, 128-byte swizzled rows
+constexpr int kChunkBytes = kBN * 128;        // KV tile: [8 chunks][32 keys][64 dims]
+constexpr int kTileBytes = 8 * kChunkBytes;
+constexpr int kRawBytes = kBN * kRawPitch;
+constexpr int kConverters = 96;               // warps 1-3 of the producer warpgroup
 constexpr int kThreads = 384;
 // Register budgets of the two roles. The CTA launches with 384 x 168 registers (64K / 384, rounded down to a
 // multiple of 8); setmaxnreg.inc waits until the pool has the registers, so 128 P + 256 C <= 384 x 168 (more
@@ -61,12 +65,16 @@ constexpr int kConsumerRegs = (kThreads * kLaunchRegs - 128 * kProducerRegs) / 2
 static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * kLaunchRegs, "register pool");
 // shared memory map (offsets from a 1024-aligned base)
 constexpr int kOffQ = 0;
-constexpr int kOffKV = kTileBytes;
-constexpr int kOffRow = kOffKV + kStages * kTileBytes;      // int64 [stages][64]
-constexpr int kOffScw = kOffRow + kStages * kBN * 8;        // int64 [stages][64]
-constexpr int kOffMask = kOffScw + kStages * kBN * 8;       // float [stages][64]: 1 valid, 0 ignored
-constexpr int kOffBar = kOffMask + kStages * kBN * 4;       // mbarriers: full[stages], empty[stages]
-constexpr int kSmemBytes = kOffBar + 2 * kStages * 8 + 1024;  // + alignment slack
+constexpr int kOffKV = 8 * kQChunkBytes;                       // bf16 tiles [kStages]
+constexpr int kOffRaw = kOffKV + kStages * kTileBytes;         // raw rows [kRawStages][32][592]
+constexpr int kOffScw = kOffRaw + kRawStages * kRawBytes;      // int64 [kRawStages][32]: scale words
+constexpr int kOffMask = kOffScw + kRawStages * kBN * 8;       // float [kStages][32]: 1 valid key, 0 ignored
+constexpr int kOffBar = kOffMask + kStages * kBN * 4;          // raw_full, raw_empty [kRawStages]; kv_full, kv_empty [kStages]
+constexpr int kSmemBytes = kOffBar + (2 * kRawStages + 2 * kStages) * 8 + 1024;  // + alignment slack
+__host__ __device__ constexpr int bar_raw_full(int r) { return kOffBar + r * 8; }
+__host__ __device__ constexpr int bar_raw_empty(int r) { return kOffBar + (kRawStages + r) * 8; }
+__host__ __device__ constexpr int bar_kv_full(int s) { return kOffBar + (2 * kRawStages + s) * 8; }
+__host__ __device__ constexpr int bar_kv_empty(int s) { return kOffBar + (2 * kRawStages + kStages + s) * 8; }
 
 struct AttnParams {
   const __nv_bfloat16* q;
@@ -109,7 +117,20 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       : "memory");
 }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void producer_sync() { asm volatile("bar.sync 1, 128;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// 1-D bulk copy global -> shared (16-byte aligned, size a multiple of 16), completing on `bar`'s tx count
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -156,12 +177,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 __device__ __forceinline__ float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
-// D[64 x 64] (+)= A[64 x 16] * B[64 x 16]^T, A and B K-major in shared memory (descriptors).
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float* d, uint64_t da, uint64_t db, int accumulate) {
+// D[64 x 32] (+)= A[64 x 16] * B[32 x 16]^T, A and B K-major in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float* d, uint64_t da, uint64_t db, int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
       : "l"(da), "l"(db), "r"(accumulate));
 }
 // D[64 x 256] += A[64 x 16] * B[16 x 256], A in registers (bf16 fragments), B MN-major in shared memory.
@@ -171,99 +192,99 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs_tnspb(float* d, const uint32
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
-// Keeps the compiler from moving accesses of the 32 accumulator registers across wgmma issue / wait.
-__device__ __forceinline__ void fence_regs32(float* d) {
-  asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])::"memory");
+// Keep the compiler from moving accesses of the accumulator registers across wgmma issue / wait.
+__device__ __forceinline__ void fence_regs16(float* d) {
+  asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])::"memory");
 }
-// Keeps the compiler from moving accesses of the 128 accumulator registers across wgmma issue / wait.
 __device__ __forceinline__ void fence_regs128(float* d) {
   asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])::"memory");
 }
 
-// One producer thread's share of a key row: 16-byte pieces U0 .. U0+17 of the 576-byte cache row at byte
-// offset `row` (-1: ignored key, nothing is loaded and the tile row is zeros). The loads are issued first;
-// the stores into the tile wait for the ring stage to be free (`empty` barrier).
-template <int U0>
-__device__ __forceinline__ void gather_row(const uint8_t* cache, int64_t row, int64_t sw, uint32_t krow, int key,
-                                           uint32_t empty_bar, uint32_t parity) {
-  const uint8_t* src = cache + (row >= 0 ? row : 0) + U0 * 16;
-  uint4 v[kUnitsPerThread];
-#pragma unroll
-  for (int j = 0; j < kUnitsPerThread; ++j) v[j] = ldg_nc_v4_pred(src + j * 16, row >= 0);
-  mbar_wait(empty_bar, parity);
-  const int x = key & 7;  // the 128-byte swizzle of this row
-#pragma unroll
-  for (int j = 0; j < kUnitsPerThread; ++j) {
-    const int u = U0 + j;
-    if (u < 28) {  // 16 e4m3 bytes = dims 16u .. 16u+15 = chunk u / 4, 16-byte columns 2(u%4), 2(u%4)+1
-      const int c = u >> 2;
-      const uint32_t e = static_cast<uint32_t>(sw >> (8 * c)) & 0xFF;
-      float scale = __uint_as_float(e << 23);  // 2^(e - 127) (e = 0 gives 0, as the Triton kernel)
-      if (e == 255) scale = __int_as_float(0x7fffffff);
-      if (sw < 0) scale = 0.f;  // ignored key: zeros were loaded -> a zero row
-      uint4 lo, hi;
-      lo.x = e4m3x2_to_bf16x2(v[j].x, scale);
-      lo.y = e4m3x2_to_bf16x2(v[j].x >> 16, scale);
-      lo.z = e4m3x2_to_bf16x2(v[j].y, scale);
-      lo.w = e4m3x2_to_bf16x2(v[j].y >> 16, scale);
-      hi.x = e4m3x2_to_bf16x2(v[j].z, scale);
-      hi.y = e4m3x2_to_bf16x2(v[j].z >> 16, scale);
-      hi.z = e4m3x2_to_bf16x2(v[j].w, scale);
-      hi.w = e4m3x2_to_bf16x2(v[j].w >> 16, scale);
-      const uint32_t blk = krow + c * kChunkBytes;
-      sts_v4(blk + (((u & 3) * 2) ^ x) * 16, lo);
-      sts_v4(blk + (((u & 3) * 2 + 1) ^ x) * 16, hi);
-    } else {  // 8 bf16 rope dims: chunk 7, column u - 28
-      sts_v4(krow + 7 * kChunkBytes + ((u - 28) ^ x) * 16, v[j]);
+// ---------------------------------------------------------------------------------------------- producer
+// Warp 0: the loader. Lane k owns key k of each tile: its row offset and scale word (read one tile ahead),
+// one 576-byte bulk copy of the row into the raw ring (ignored keys: none), up to kRawStages tiles ahead.
+__device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, int start, int end) {
+  const int lane = threadIdx.x & 31;
+  const uint32_t s_base = smem_u32(sm);
+  int64_t* scw_s = reinterpret_cast<int64_t*>(sm + kOffScw);
+  const int64_t* rows_t = p.rows + static_cast<int64_t>(t) * p.NK;
+  const int64_t* scw_t = p.scw + static_cast<int64_t>(t) * p.NK;
+  int64_t nrow = -1, nscw = -1;
+  if (start + lane < end) {
+    nrow = __ldg(rows_t + start + lane);
+    nscw = __ldg(scw_t + start + lane);
+  }
+  int it = 0;
+  for (int kb = start; kb < end; kb += kBN, ++it) {
+    const int r = it % kRawStages;
+    mbar_wait(s_base + bar_raw_empty(r), ((it / kRawStages) & 1) ^ 1);
+    const int64_t row = nrow, sw = nscw;
+    const bool valid = sw >= 0 && row >= 0;  // the rows kernel marks ignored keys in both words
+    scw_s[r * kBN + lane] = valid ? sw : -1;
+    const unsigned vmask = __ballot_sync(0xffffffffu, valid);
+    __syncwarp();
+    if (lane == 0) mbar_arrive_expect_tx(s_base + bar_raw_full(r), __popc(vmask) * kRowBytes);
+    __syncwarp();
+    if (valid) {
+      bulk_load(s_base + kOffRaw + r * kRawBytes + lane * kRawPitch, p.cache + row, kRowBytes,
+                s_base + bar_raw_full(r));
+    }
+    nrow = -1, nscw = -1;
+    if (kb + kBN + lane < end) {
+      nrow = __ldg(rows_t + kb + kBN + lane);
+      nscw = __ldg(scw_t + kb + kBN + lane);
     }
   }
 }
 
-// ---------------------------------------------------------------------------------------------- producer
-__device__ __forceinline__ void producer(const AttnParams& p, uint8_t* sm, int t, int start, int end) {
-  const int tid = threadIdx.x;  // 0..127
+// Warps 1-3: the converters. Thread (warp w, lane k) converts pieces u = 3j + w - 1 (j = 0..11) of key k's raw
+// row into the bf16 tile: e4m3 -> f16x2 (one cvt per 2) -> fp32 * 2^(e8m0 - 127) (exact) -> bf16x2; the rope
+// pieces are copied. Ignored keys give zero rows. Then the per-key mask for the consumers.
+__device__ __forceinline__ void converter(uint8_t* sm, int start, int end) {
+  const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) - 1;  // w = 0..2
   const uint32_t s_base = smem_u32(sm);
-  int64_t* key_row = reinterpret_cast<int64_t*>(sm + kOffRow);
-  int64_t* key_scw = reinterpret_cast<int64_t*>(sm + kOffScw);
+  const int64_t* scw_s = reinterpret_cast<const int64_t*>(sm + kOffScw);
   float* kmask = reinterpret_cast<float*>(sm + kOffMask);
-  const int64_t* rows_t = p.rows + static_cast<int64_t>(t) * p.NK;
-  const int64_t* scw_t = p.scw + static_cast<int64_t>(t) * p.NK;
-
-  // threads 0..63 hold the next tile's row offset and scale word (prefetched one tile ahead)
-  int64_t nrow = -1, nscw = -1;
-  if (tid < kBN && start + tid < end) {
-    nrow = __ldg(rows_t + start + tid);
-    nscw = __ldg(scw_t + start + tid);
-  }
+  const int key = lane, x = key & 7;  // x: the 128-byte swizzle of this key's tile rows
   int it = 0;
   for (int kb = start; kb < end; kb += kBN, ++it) {
-    const int s = it % kStages;
-    const uint32_t phase = (it / kStages) & 1;
-    if (tid < kBN) {
-      key_row[s * kBN + tid] = nscw >= 0 ? nrow : -1;  // the rows kernel marks ignored keys in both words
-      key_scw[s * kBN + tid] = nscw;
-      const int nk = kb + kBN + tid;
-      nrow = -1, nscw = -1;
-      if (nk < end) {
-        nrow = __ldg(rows_t + nk);
-        nscw = __ldg(scw_t + nk);
+    const int r = it % kRawStages, s = it % kStages;
+    mbar_wait(s_base + bar_raw_full(r), (it / kRawStages) & 1);
+    mbar_wait(s_base + bar_kv_empty(s), ((it / kStages) & 1) ^ 1);
+    const int64_t sw = scw_s[r * kBN + key];
+    if (w == 0) kmask[s * kBN + key] = sw >= 0 ? 1.f : 0.f;
+    const uint32_t src = s_base + kOffRaw + r * kRawBytes + key * kRawPitch;
+    const uint32_t krow = s_base + kOffKV + s * kTileBytes + key * 128;
+#pragma unroll
+    for (int j = 0; j < kUnits / 3; ++j) {
+      const int u = 3 * j + w;  // warp-uniform
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (sw >= 0) v = lds_v4(src + u * 16);
+      if (u < 28) {  // 16 e4m3 bytes = dims 16u .. 16u+15 = chunk u / 4, 16-byte columns 2(u%4), 2(u%4)+1
+        const int c = u >> 2;
+        const uint32_t e = static_cast<uint32_t>(sw >> (8 * c)) & 0xFF;
+        float scale = __uint_as_float(e << 23);  // 2^(e - 127) (e = 0 gives 0, as the Triton kernel)
+        if (e == 255) scale = __int_as_float(0x7fffffff);
+        if (sw < 0) scale = 0.f;  // ignored key: zeros
+        uint4 lo, hi;
+        lo.x = e4m3x2_to_bf16x2(v.x, scale);
+        lo.y = e4m3x2_to_bf16x2(v.x >> 16, scale);
+        lo.z = e4m3x2_to_bf16x2(v.y, scale);
+        lo.w = e4m3x2_to_bf16x2(v.y >> 16, scale);
+        hi.x = e4m3x2_to_bf16x2(v.z, scale);
+        hi.y = e4m3x2_to_bf16x2(v.z >> 16, scale);
+        hi.z = e4m3x2_to_bf16x2(v.w, scale);
+        hi.w = e4m3x2_to_bf16x2(v.w >> 16, scale);
+        const uint32_t blk = krow + c * kChunkBytes;
+        sts_v4(blk + (((u & 3) * 2) ^ x) * 16, lo);
+        sts_v4(blk + (((u & 3) * 2 + 1) ^ x) * 16, hi);
+      } else {  // 8 bf16 rope dims: chunk 7, column u - 28
+        sts_v4(krow + 7 * kChunkBytes + ((u - 28) ^ x) * 16, v);
       }
     }
-    producer_sync();
-    // thread -> key tid % 64, 16-byte pieces U0 .. U0+17 of its row (U0 = 0 for warps 0-1, 18 for warps 2-3:
-    // warp-uniform, so the piece offsets are compile-time constants)
-    const int key = tid & 63;
-    const uint32_t krow = s_base + kOffKV + s * kTileBytes + key * 128;
-    if (tid < 64) {
-      gather_row<0>(p.cache, key_row[s * kBN + key], key_scw[s * kBN + key], krow, key,
-                    s_base + kOffBar + (kStages + s) * 8, phase ^ 1);
-      kmask[s * kBN + key] = key_scw[s * kBN + key] >= 0 ? 1.f : 0.f;
-    } else {
-      gather_row<kUnitsPerThread>(p.cache, key_row[s * kBN + key], key_scw[s * kBN + key], krow, key,
-                                  s_base + kOffBar + (kStages + s) * 8, phase ^ 1);
-    }
     fence_proxy_async();  // generic-proxy stores -> visible to wgmma (async proxy)
-    mbar_arrive(s_base + kOffBar + s * 8);
+    mbar_arrive(s_base + bar_kv_full(s));
+    mbar_arrive(s_base + bar_raw_empty(r));
   }
 }
 
@@ -284,26 +305,26 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
   int it = 0;
   for (int kb = start; kb < end; kb += kBN, ++it) {
     const int s = it % kStages;
-    mbar_wait(s_base + kOffBar + s * 8, (it / kStages) & 1);
+    mbar_wait(s_base + bar_kv_full(s), (it / kStages) & 1);
     const uint32_t tile = s_base + kOffKV + s * kTileBytes;
-    float sc[32];
+    float sc[16];  // S [64 heads x 32 keys]: n8 block j holds keys 8j + 2tq + {0, 1} of rows g, g + 8
 #pragma unroll
-    for (int i = 0; i < 32; ++i) sc[i] = 0.f;
-    fence_regs32(sc);
+    for (int i = 0; i < 16; ++i) sc[i] = 0.f;
+    fence_regs16(sc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 32; ++kk) {
-      const uint32_t off = (kk >> 2) * kChunkBytes + (kk & 3) * 32;
-      wgmma_m64n64k16_ss(sc, sw128_desc(s_base + kOffQ + off, 16, 1024), sw128_desc(tile + off, 16, 1024), kk > 0);
+    for (int kk = 0; kk < 32; ++kk) {  // 16 dims per step: chunk kk / 4, 32-byte column kk % 4
+      wgmma_m64n32k16_ss(sc, sw128_desc(s_base + kOffQ + (kk >> 2) * kQChunkBytes + (kk & 3) * 32, 16, 1024),
+                         sw128_desc(tile + (kk >> 2) * kChunkBytes + (kk & 3) * 32, 16, 1024), kk > 0);
     }
     wgmma_commit();
     wgmma_wait0();
-    fence_regs32(sc);
+    fence_regs16(sc);
 
     // online softmax in log2 units; rows g and g + 8 of this warp's 16 heads
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const bool ok = kmask[s * kBN + 8 * j + 2 * tq + (e & 1)] != 0.f;
@@ -323,18 +344,15 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
       m[r] = mn;
       l[r] *= alpha[r];
     }
-    uint32_t pa[4][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pe = exp2f(sc[4 * j + e] - msafe[e >> 1]);
-        sc[4 * j + e] = pe;
-        l[e >> 1] += pe;
-      }
+    for (int i = 0; i < 16; ++i) {
+      const float pe = exp2f(sc[i] - msafe[(i >> 1) & 1]);
+      sc[i] = pe;
+      l[(i >> 1) & 1] += pe;
     }
+    uint32_t pa[2][4];
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {  // keys 16kk .. 16kk+15 = n8 blocks 2kk, 2kk+1 -> the A fragment of k step kk
+    for (int kk = 0; kk < 2; ++kk) {  // keys 16kk .. 16kk+15 = n8 blocks 2kk, 2kk+1 -> the A fragment of k step kk
       pa[kk][0] = pack_bf16(sc[8 * kk + 0], sc[8 * kk + 1]);
       pa[kk][1] = pack_bf16(sc[8 * kk + 2], sc[8 * kk + 3]);
       pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
@@ -345,14 +363,14 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
     fence_regs128(o);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      // V = the tile, N-major: 64-dim chunks 4wg .. 4wg+3 (LBO = one chunk block), keys 16kk.. (8 keys = 1 KB)
+    for (int kk = 0; kk < 2; ++kk) {
+      // V = the tile read N-major: 64-dim chunks 4wg .. 4wg+3 (LBO = one chunk block), keys 16kk.. (8 keys per 1 KB)
       wgmma_m64n256k16_rs_tnspb(o, pa[kk], sw128_desc(tile + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024));
     }
     wgmma_commit();
     wgmma_wait0();
     fence_regs128(o);
-    mbar_arrive(s_base + kOffBar + (kStages + s) * 8);
+    mbar_arrive(s_base + bar_kv_empty(s));
   }
 
   // ---- epilogue
@@ -414,21 +432,16 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_kernel(const __gr
   const uint32_t s_base = smem_u32(sm);
 
   if (threadIdx.x == 0) {
+    for (int r = 0; r < kRawStages; ++r) {
+      mbar_init(s_base + bar_raw_full(r), 1);              // the loader's expect_tx arrival + the copies' bytes
+      mbar_init(s_base + bar_raw_empty(r), kConverters);
+    }
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(s_base + kOffBar + s * 8, kProducers);           // full: the producer threads
-      mbar_init(s_base + kOffBar + (kStages + s) * 8, 256);      // empty: the 256 consumer threads
+      mbar_init(s_base + bar_kv_full(s), kConverters);
+      mbar_init(s_base + bar_kv_empty(s), 256);           // the consumer threads
     }
   }
-  // Q [64 heads][512] -> shared memory, [8 chunks][64 heads][64 dims] swizzled (heads >= H: zeros)
-  for (int idx = threadIdx.x; idx < kHeads * 64; idx += kThreads) {
-    const int h = idx >> 6, unit = idx & 63;
-    const int head = hb * kHeads + h;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (head < p.H) v = *reinterpret_cast<const uint4*>(p.q + t * p.stride_qt + head * p.stride_qh + unit * 8);
-    sts_v4(s_base + kOffQ + (unit >> 3) * kChunkBytes + sw128_off(h, unit & 7), v);
-  }
-  fence_proxy_async();
-  __syncthreads();
+  __syncthreads();  // barriers initialised
 
   // this split's key range (as the Triton kernel: whole tiles per split)
   const int n = p.nkeys[t];
@@ -439,9 +452,30 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_kernel(const __gr
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    producer(p, sm, t, start, end);
+    if (threadIdx.x < 32) {
+      loader(p, sm, t, start, end);
+    } else {
+      converter(sm, start, end);
+    }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    // Q [64 heads][512] -> shared memory [8 chunks][64 heads][64 dims], swizzled (heads >= H: zeros); all loads
+    // of a thread first, then its stores
+    const int ct = threadIdx.x - 128;
+    uint4 v[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int idx = i * 256 + ct, h = idx >> 6, unit = idx & 63, head = hb * kHeads + h;
+      v[i] = make_uint4(0, 0, 0, 0);
+      if (head < p.H) v[i] = *reinterpret_cast<const uint4*>(p.q + t * p.stride_qt + head * p.stride_qh + unit * 8);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int idx = i * 256 + ct, h = idx >> 6, unit = idx & 63;
+      sts_v4(s_base + kOffQ + (unit >> 3) * kQChunkBytes + sw128_off(h, unit & 7), v[i]);
+    }
+    fence_proxy_async();
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");  // the two consumer warpgroups
     consumer(p, sm, t, split, hb, start, end, wg - 1);
   }
 }
