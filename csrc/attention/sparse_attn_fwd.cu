@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -97,6 +98,7 @@ struct AttnParams {
   float* pl;
   int H, num_splits;
   float qk_scale;  // 512^-0.5 * log2(e)
+  int debug;       // profiling knob (V4K_ATTN_CUDA_DEBUG): 1 skip conversion, 2 skip QK, 4 skip PV, 8 skip copies
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -219,7 +221,7 @@ __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, 
     const int r = it % kRawStages;
     mbar_wait(s_base + bar_raw_empty(r), ((it / kRawStages) & 1) ^ 1);
     const int64_t row = nrow, sw = nscw;
-    const bool valid = sw >= 0 && row >= 0;  // the rows kernel marks ignored keys in both words
+    const bool valid = sw >= 0 && row >= 0 && !(p.debug & 8);  // the rows kernel marks ignored keys in both words
     scw_s[r * kBN + lane] = valid ? sw : -1;
     const unsigned vmask = __ballot_sync(0xffffffffu, valid);
     __syncwarp();
@@ -240,7 +242,7 @@ __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, 
 // Warps 1-3: the converters. Thread (warp w, lane k) converts pieces u = 3j + w - 1 (j = 0..11) of key k's raw
 // row into the bf16 tile: e4m3 -> f16x2 (one cvt per 2) -> fp32 * 2^(e8m0 - 127) (exact) -> bf16x2; the rope
 // pieces are copied. Ignored keys give zero rows. Then the per-key mask for the consumers.
-__device__ __forceinline__ void converter(uint8_t* sm, int start, int end) {
+__device__ __forceinline__ void converter(const AttnParams& p, uint8_t* sm, int start, int end) {
   const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) - 1;  // w = 0..2
   const uint32_t s_base = smem_u32(sm);
   const int64_t* scw_s = reinterpret_cast<const int64_t*>(sm + kOffScw);
@@ -257,6 +259,7 @@ __device__ __forceinline__ void converter(uint8_t* sm, int start, int end) {
     const uint32_t krow = s_base + kOffKV + s * kTileBytes + key * 128;
 #pragma unroll
     for (int j = 0; j < kUnits / 3; ++j) {
+      if (p.debug & 1) break;
       const int u = 3 * j + w;  // warp-uniform
       uint4 v = make_uint4(0, 0, 0, 0);
       if (sw >= 0) v = lds_v4(src + u * 16);
@@ -313,7 +316,8 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
     fence_regs16(sc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 32; ++kk) {  // 16 dims per step: chunk kk / 4, 32-byte column kk % 4
+    for (int kk = 0; kk < 32; ++kk) {  // 16 dims per step
+      if (p.debug & 2) break;: chunk kk / 4, 32-byte column kk % 4
       wgmma_m64n32k16_ss(sc, sw128_desc(s_base + kOffQ + (kk >> 2) * kQChunkBytes + (kk & 3) * 32, 16, 1024),
                          sw128_desc(tile + (kk >> 2) * kChunkBytes + (kk & 3) * 32, 16, 1024), kk > 0);
     }
@@ -364,6 +368,7 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
+      if (p.debug & 4) break;
       // V = the tile read N-major: 64-dim chunks 4wg .. 4wg+3 (LBO = one chunk block), keys 16kk.. (8 keys per 1 KB)
       wgmma_m64n256k16_rs_tnspb(o, pa[kk], sw128_desc(tile + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024));
     }
@@ -455,7 +460,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_kernel(const __gr
     if (threadIdx.x < 32) {
       loader(p, sm, t, start, end);
     } else {
-      converter(sm, start, end);
+      converter(p, sm, start, end);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
@@ -519,6 +524,11 @@ void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh,
   p.pl = pl;
   p.H = static_cast<int>(H);
   p.num_splits = static_cast<int>(num_splits);
+  static const int debug = [] {
+    const char* e = std::getenv("V4K_ATTN_CUDA_DEBUG");
+    return e ? std::atoi(e) : 0;
+  }();
+  p.debug = debug;
   p.qk_scale = static_cast<float>(0.044194173824159216 * 1.4426950408889634);  // 512^-0.5 * log2(e), as Triton's
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(num_splits), static_cast<unsigned>((H + kHeads - 1) / kHeads));
   sparse_attn_fwd_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
