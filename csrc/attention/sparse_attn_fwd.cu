@@ -316,8 +316,8 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
     fence_regs16(sc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 32; ++kk) {  // 16 dims per step
-      if (p.debug & 2) break;: chunk kk / 4, 32-byte column kk % 4
+    for (int kk = 0; kk < 32; ++kk) {  // 16 dims per step: chunk kk / 4, 32-byte column kk % 4
+      if (p.debug & 2) break;
       wgmma_m64n32k16_ss(sc, sw128_desc(s_base + kOffQ + (kk >> 2) * kQChunkBytes + (kk & 3) * 32, 16, 1024),
                          sw128_desc(tile + (kk >> 2) * kChunkBytes + (kk & 3) * 32, 16, 1024), kk > 0);
     }
