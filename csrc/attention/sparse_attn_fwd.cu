@@ -69,7 +69,11 @@ constexpr int kOffQ = 0;
 constexpr int kOffKV = 8 * kQChunkBytes;                       // bf16 tiles [kStages]
 constexpr int kOffRaw = kOffKV + kStages * kTileBytes;         // raw rows [kRawStages][32][592]
 constexpr int kOffScw = kOffRaw + kRawStages * kRawBytes;      // int64 [kRawStages][32]: scale words
-constexpr int kOffMask = kOffScw + kRawStages * kBN * 8;       // float [kStages][32]: 1 valid key, 0 ignored
+constexpr int kRowAhead = 6;                                   // tiles of row offsets / scale words in flight
+constexpr int kRowRing = kRowAhead + 1;
+constexpr int kOffRowRing = kOffScw + kRawStages * kBN * 8;    // int64 [kRowRing][2][32]: the loader's cp.async ring
+constexpr int kOffXchg = kOffRowRing + kRowRing * 2 * kBN * 8; // float [2][16][128]: the consumers' partial S
+constexpr int kOffMask = kOffXchg + 2 * 16 * 128 * 4;          // float [kStages][32]: 1 valid key, 0 ignored
 constexpr int kOffBar = kOffMask + kStages * kBN * 4;          // raw_full, raw_empty [kRawStages]; kv_full, kv_empty [kStages]
 constexpr int kSmemBytes = kOffBar + (2 * kRawStages + 2 * kStages) * 8 + 1024;  // + alignment slack
 __host__ __device__ constexpr int bar_raw_full(int r) { return kOffBar + r * 8; }
@@ -128,11 +132,18 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                "l"(src), "r"(bytes), "r"(bar)
                : "memory");
 }
+__device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 __device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
   uint4 v;
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -203,24 +214,40 @@ __device__ __forceinline__ void fence_regs128(float* d) {
 }
 
 // ---------------------------------------------------------------------------------------------- producer
-// Warp 0: the loader. Lane k owns key k of each tile: its row offset and scale word (read one tile ahead),
-// one 576-byte bulk copy of the row into the raw ring (ignored keys: none), up to kRawStages tiles ahead.
+// Warp 0: the loader. Lane k owns key k of each tile: its row offset and scale word arrive kRowAhead tiles ahead
+// through a cp.async ring (the loader never waits on a global load), then one 576-byte bulk copy of the row
+// into the raw ring (ignored keys: none), up to kRawStages tiles ahead of the converters.
 __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, int start, int end) {
   const int lane = threadIdx.x & 31;
   const uint32_t s_base = smem_u32(sm);
   int64_t* scw_s = reinterpret_cast<int64_t*>(sm + kOffScw);
+  const int64_t* ring = reinterpret_cast<const int64_t*>(sm + kOffRowRing);
   const int64_t* rows_t = p.rows + static_cast<int64_t>(t) * p.NK;
   const int64_t* scw_t = p.scw + static_cast<int64_t>(t) * p.NK;
-  int64_t nrow = -1, nscw = -1;
-  if (start + lane < end) {
-    nrow = __ldg(rows_t + start + lane);
-    nscw = __ldg(scw_t + start + lane);
-  }
-  int it = 0;
-  for (int kb = start; kb < end; kb += kBN, ++it) {
+  const int ntiles = (end - start + kBN - 1) / kBN;
+  // row offset / scale word of key `lane` of tile j -> ring slot j % kRowRing (keys past the end: -1)
+  auto fetch = [&](int j) {
+    const int key = start + j * kBN + lane;
+    const uint32_t slot = s_base + kOffRowRing + (j % kRowRing) * 2 * kBN * 8 + lane * 8;
+    if (key < end) {
+      cp_async8(slot, rows_t + key);
+      cp_async8(slot + kBN * 8, scw_t + key);
+    } else {
+      asm volatile("st.shared.v2.u32 [%0], {%1, %1};\nst.shared.v2.u32 [%2], {%1, %1};\n" ::"r"(slot), "r"(-1),
+                   "r"(slot + kBN * 8)
+                   : "memory");
+    }
+    cp_async_commit();  // one group per tile (possibly empty): wait_group counts tiles
+  };
+#pragma unroll 1
+  for (int j = 0; j < kRowAhead; ++j) fetch(j);
+  for (int it = 0; it < ntiles; ++it) {
+    fetch(it + kRowAhead);
+    cp_async_wait<kRowAhead>();  // tile it's words have landed (this lane's)
+    const int64_t row = ring[(it % kRowRing) * 2 * kBN + lane];
+    const int64_t sw = ring[(it % kRowRing) * 2 * kBN + kBN + lane];
     const int r = it % kRawStages;
     mbar_wait(s_base + bar_raw_empty(r), ((it / kRawStages) & 1) ^ 1);
-    const int64_t row = nrow, sw = nscw;
     const bool valid = sw >= 0 && row >= 0 && !(p.debug & 8);  // the rows kernel marks ignored keys in both words
     scw_s[r * kBN + lane] = valid ? sw : -1;
     const unsigned vmask = __ballot_sync(0xffffffffu, valid);
@@ -231,12 +258,8 @@ __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, 
       bulk_load(s_base + kOffRaw + r * kRawBytes + lane * kRawPitch, p.cache + row, kRowBytes,
                 s_base + bar_raw_full(r));
     }
-    nrow = -1, nscw = -1;
-    if (kb + kBN + lane < end) {
-      nrow = __ldg(rows_t + kb + kBN + lane);
-      nscw = __ldg(scw_t + kb + kBN + lane);
-    }
   }
+  cp_async_wait<0>();
 }
 
 // Warps 1-3: the converters. Thread (warp w, lane k) converts pieces u = 3j + w - 1 (j = 0..11) of key k's raw
@@ -298,6 +321,7 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tq = lane & 3;
   const uint32_t s_base = smem_u32(sm);
   const float* kmask = reinterpret_cast<const float*>(sm + kOffMask);
+  float* xchg = reinterpret_cast<float*>(sm + kOffXchg);
 
   float o[128];
 #pragma unroll
@@ -316,14 +340,23 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
     fence_regs16(sc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 32; ++kk) {  // 16 dims per step: chunk kk / 4, 32-byte column kk % 4
+    for (int kk = 0; kk < 16; ++kk) {  // this warpgroup's 256 dims, 16 per step: chunk 4wg + kk / 4, column kk % 4
       if (p.debug & 2) break;
-      wgmma_m64n32k16_ss(sc, sw128_desc(s_base + kOffQ + (kk >> 2) * kQChunkBytes + (kk & 3) * 32, 16, 1024),
-                         sw128_desc(tile + (kk >> 2) * kChunkBytes + (kk & 3) * 32, 16, 1024), kk > 0);
+      const int c = 4 * wg + (kk >> 2);
+      wgmma_m64n32k16_ss(sc, sw128_desc(s_base + kOffQ + c * kQChunkBytes + (kk & 3) * 32, 16, 1024),
+                         sw128_desc(tile + c * kChunkBytes + (kk & 3) * 32, 16, 1024), kk > 0);
     }
     wgmma_commit();
     wgmma_wait0();
     fence_regs16(sc);
+    // S = the two warpgroups' partial sums (dims 0..255 + dims 256..511), exchanged through shared memory; both
+    // add the same two numbers, so both hold the same S
+    consumer_sync();  // the other warpgroup has read the previous tile's partials
+#pragma unroll
+    for (int i = 0; i < 16; ++i) xchg[(wg * 16 + i) * 128 + tid] = sc[i];
+    consumer_sync();
+#pragma unroll
+    for (int i = 0; i < 16; ++i) sc[i] += xchg[((1 - wg) * 16 + i) * 128 + tid];
 
     // online softmax in log2 units; rows g and g + 8 of this warp's 16 heads
     float mx[2] = {-INFINITY, -INFINITY};
