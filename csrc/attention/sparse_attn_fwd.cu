@@ -31,7 +31,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -102,7 +101,6 @@ struct AttnParams {
   float* pl;
   int H, num_splits;
   float qk_scale;  // 512^-0.5 * log2(e)
-  int debug;       // profiling knob (V4K_ATTN_CUDA_DEBUG): 1 skip conversion, 2 skip QK, 4 skip PV, 8 skip copies
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -160,17 +158,6 @@ __device__ __forceinline__ uint32_t sw128_off(int row, int col) {
   return static_cast<uint32_t>(row * 128 + ((col ^ (row & 7)) << 4));
 }
 
-// 16-byte load when `pred`, else zeros (predicated: no branch)
-__device__ __forceinline__ uint4 ldg_nc_v4_pred(const void* p, bool pred) {
-  uint4 v;
-  asm volatile(
-      "{\n.reg .pred q;\nsetp.ne.b32 q, %5, 0;\n"
-      "mov.b32 %0, 0;\nmov.b32 %1, 0;\nmov.b32 %2, 0;\nmov.b32 %3, 0;\n"
-      "@q ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
 __device__ __forceinline__ void sts_v4(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
@@ -248,7 +235,7 @@ __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, 
     const int64_t sw = ring[(it % kRowRing) * 2 * kBN + kBN + lane];
     const int r = it % kRawStages;
     mbar_wait(s_base + bar_raw_empty(r), ((it / kRawStages) & 1) ^ 1);
-    const bool valid = sw >= 0 && row >= 0 && !(p.debug & 8);  // the rows kernel marks ignored keys in both words
+    const bool valid = sw >= 0 && row >= 0;  // the rows kernel marks ignored keys in both words
     scw_s[r * kBN + lane] = valid ? sw : -1;
     const unsigned vmask = __ballot_sync(0xffffffffu, valid);
     __syncwarp();
@@ -265,7 +252,7 @@ __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, 
 // Warps 1-3: the converters. Thread (warp w, lane k) converts pieces u = 3j + w - 1 (j = 0..11) of key k's raw
 // row into the bf16 tile: e4m3 -> f16x2 (one cvt per 2) -> fp32 * 2^(e8m0 - 127) (exact) -> bf16x2; the rope
 // pieces are copied. Ignored keys give zero rows. Then the per-key mask for the consumers.
-__device__ __forceinline__ void converter(const AttnParams& p, uint8_t* sm, int start, int end) {
+__device__ __forceinline__ void converter(uint8_t* sm, int start, int end) {
   const int lane = threadIdx.x & 31, w = (threadIdx.x >> 5) - 1;  // w = 0..2
   const uint32_t s_base = smem_u32(sm);
   const int64_t* scw_s = reinterpret_cast<const int64_t*>(sm + kOffScw);
@@ -282,7 +269,6 @@ __device__ __forceinline__ void converter(const AttnParams& p, uint8_t* sm, int 
     const uint32_t krow = s_base + kOffKV + s * kTileBytes + key * 128;
 #pragma unroll
     for (int j = 0; j < kUnits / 3; ++j) {
-      if (p.debug & 1) break;
       const int u = 3 * j + w;  // warp-uniform
       uint4 v = make_uint4(0, 0, 0, 0);
       if (sw >= 0) v = lds_v4(src + u * 16);
@@ -323,6 +309,11 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
   const float* kmask = reinterpret_cast<const float*>(sm + kOffMask);
   float* xchg = reinterpret_cast<float*>(sm + kOffXchg);
 
+  // wgmma descriptors of stage 0 at this warpgroup's dims: Q and K (K-major), V (N-major)
+  const uint64_t qdesc0 = sw128_desc(s_base + kOffQ + 4 * wg * kQChunkBytes, 16, 1024);
+  const uint64_t kdesc0 = sw128_desc(s_base + kOffKV + 4 * wg * kChunkBytes, 16, 1024);
+  const uint64_t vdesc0 = sw128_desc(s_base + kOffKV + 4 * wg * kChunkBytes, kChunkBytes, 1024);
+
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -333,18 +324,17 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
   for (int kb = start; kb < end; kb += kBN, ++it) {
     const int s = it % kStages;
     mbar_wait(s_base + bar_kv_full(s), (it / kStages) & 1);
-    const uint32_t tile = s_base + kOffKV + s * kTileBytes;
     float sc[16];  // S [64 heads x 32 keys]: n8 block j holds keys 8j + 2tq + {0, 1} of rows g, g + 8
 #pragma unroll
     for (int i = 0; i < 16; ++i) sc[i] = 0.f;
     fence_regs16(sc);
     wgmma_fence();
+    const uint64_t kdesc = kdesc0 + static_cast<uint64_t>(s * (kTileBytes >> 4));
 #pragma unroll
     for (int kk = 0; kk < 16; ++kk) {  // this warpgroup's 256 dims, 16 per step: chunk 4wg + kk / 4, column kk % 4
-      if (p.debug & 2) break;
-      const int c = 4 * wg + (kk >> 2);
-      wgmma_m64n32k16_ss(sc, sw128_desc(s_base + kOffQ + c * kQChunkBytes + (kk & 3) * 32, 16, 1024),
-                         sw128_desc(tile + c * kChunkBytes + (kk & 3) * 32, 16, 1024), kk > 0);
+      // descriptor + (byte offset >> 4): the start-address field (addresses < 256 KB: no carry out of it)
+      wgmma_m64n32k16_ss(sc, qdesc0 + (((kk >> 2) * kQChunkBytes + (kk & 3) * 32) >> 4),
+                         kdesc + (((kk >> 2) * kChunkBytes + (kk & 3) * 32) >> 4), kk > 0);
     }
     wgmma_commit();
     wgmma_wait0();
@@ -395,15 +385,17 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
       pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
       pa[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
     }
+    if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {  // no row max of the warp moved: O as is
 #pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+      for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
+    }
     fence_regs128(o);
     wgmma_fence();
+    const uint64_t vdesc = vdesc0 + static_cast<uint64_t>(s * (kTileBytes >> 4));
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
-      if (p.debug & 4) break;
       // V = the tile read N-major: 64-dim chunks 4wg .. 4wg+3 (LBO = one chunk block), keys 16kk.. (8 keys per 1 KB)
-      wgmma_m64n256k16_rs_tnspb(o, pa[kk], sw128_desc(tile + 4 * wg * kChunkBytes + kk * 2048, kChunkBytes, 1024));
+      wgmma_m64n256k16_rs_tnspb(o, pa[kk], vdesc + ((kk * 2048) >> 4));
     }
     wgmma_commit();
     wgmma_wait0();
@@ -428,14 +420,15 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
     if (p.num_splits == 1) {
       float denom = l[r];
       if (p.sink != nullptr) denom += exp2f(p.sink[head] * 1.4426950408889634f - ms);
+      const float inv = has ? 1.f / denom : 0.f;  // one division per row; o * inv is within 1 ulp of o / denom
       if (wg == 0 && tq == 0) p.lse[t * p.stride_lt + head] = has ? lse2 * 0.6931471805599453f : INFINITY;
       __nv_bfloat16* orow = p.out + t * p.stride_ot + head * p.stride_oh + 256 * wg;
       const bool rope = p.cos != nullptr && pos >= 0 && pos < p.max_pos;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         const int d = 8 * j + 2 * tq;  // within this warpgroup's 256 dims
-        float x = round_bf16(has ? o[4 * j + 2 * r] / denom : 0.f);
-        float y = round_bf16(has ? o[4 * j + 2 * r + 1] / denom : 0.f);
+        float x = round_bf16(o[4 * j + 2 * r] * inv);
+        float y = round_bf16(o[4 * j + 2 * r + 1] * inv);
         if (wg == 1 && j >= 24 && rope) {  // dims 448.. : rotate by conj(freqs_cis[pos]) after the bf16 cast
           const int pr = (d - 192) >> 1;    // pair index (256 + d - 448) / 2
           const float cs = p.cos[static_cast<int64_t>(pos) * 32 + pr];
@@ -451,12 +444,13 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
       const int64_t prow = (static_cast<int64_t>(t) * p.num_splits + split) * p.H + head;
       if (wg == 0 && tq == 0) p.pl[prow] = has ? lse2 : -INFINITY;
       float* dst = p.po + prow * 512 + 256 * wg;
+      const float inv = has ? 1.f / l[r] : 0.f;
 #pragma unroll
       for (int j = 0; j < 32; ++j) {
         const int d = 8 * j + 2 * tq;
         float2 v;
-        v.x = has ? o[4 * j + 2 * r] / l[r] : 0.f;
-        v.y = has ? o[4 * j + 2 * r + 1] / l[r] : 0.f;
+        v.x = o[4 * j + 2 * r] * inv;
+        v.y = o[4 * j + 2 * r + 1] * inv;
         *reinterpret_cast<float2*>(dst + d) = v;
       }
     }
@@ -493,7 +487,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attn_fwd_kernel(const __gr
     if (threadIdx.x < 32) {
       loader(p, sm, t, start, end);
     } else {
-      converter(p, sm, start, end);
+      converter(sm, start, end);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
@@ -557,11 +551,6 @@ void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh,
   p.pl = pl;
   p.H = static_cast<int>(H);
   p.num_splits = static_cast<int>(num_splits);
-  static const int debug = [] {
-    const char* e = std::getenv("V4K_ATTN_CUDA_DEBUG");
-    return e ? std::atoi(e) : 0;
-  }();
-  p.debug = debug;
   p.qk_scale = static_cast<float>(0.044194173824159216 * 1.4426950408889634);  // 512^-0.5 * log2(e), as Triton's
   dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(num_splits), static_cast<unsigned>((H + kHeads - 1) / kHeads));
   sparse_attn_fwd_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
