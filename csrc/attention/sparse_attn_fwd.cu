@@ -7,18 +7,21 @@
 //
 // One CTA = one query token x one split of its key list x a block of 64 heads (V4 attention is MQA: the 64
 // heads are the wgmma M dimension and share each dequantised KV tile). Tiles of 32 keys. Three warpgroups:
-//   * WG0 warp 0, the loader: per tile, lane k reads key k's row offset and scale word (one tile ahead) and
+//   * WG0 warp 0, the loader: per tile, lane k gets key k's row offset and scale word (cp.async, 6 tiles ahead) and
 //     bulk-copies its 576-byte cache row (448 e4m3 bytes + 64 bf16 rope dims) into a 4-stage raw ring
 //     (cp.async.bulk on an mbarrier: up to 4 tiles = 74 KB in flight per SM, no registers held).
 //   * WG0 warps 1-3, the converters: raw row -> bf16 tile [8 chunks][32 keys][64 dims] in the 128-byte
 //     swizzled layout wgmma reads (e4m3 -> f16x2 in one cvt, * 2^(e8m0 - 127) in fp32: exact, -> bf16), a
 //     2-stage ring; ignored keys become zero rows, and a per-key mask.
-//   * WG1 / WG2, the consumers: each computes S = Q K^T for all 64 heads x 32 keys (32 wgmma m64n32k16, Q
-//     and K from shared memory; both warpgroups compute the same S, which keeps them independent), the base-2
-//     online softmax in registers, and O[:, its 256 dims] += bf16(P) V with 2 wgmma m64n256k16 (P from
-//     registers, V = the same tile read N-major). The accumulator is 64 x 256 fp32 per warpgroup = 128
-//     registers per thread; Q (64 KB) is loaded by the consumers while the first rows stream in.
-//   Shared memory: Q 64 KB + bf16 ring 64 KB + raw ring 74 KB = 203 KB, one CTA per SM. Registers: the
+//   * WG1 / WG2, the consumers: warpgroup w computes the partial S_w = Q[:, 256w..] K[:, 256w..]^T for all 64
+//     heads x 32 keys (16 wgmma m64n32k16, Q and K from shared memory); the partials are exchanged through
+//     shared memory and both warpgroups add the same two numbers (S = S_0 + S_1 in each). Then the base-2
+//     online softmax in registers and O[:, 256w..] += bf16(P) V with 2 wgmma m64n256k16 (P from registers,
+//     V = the same tile read N-major). The accumulator is 64 x 256 fp32 per warpgroup = 128 registers per
+//     thread; O is rescaled only when a row max of the warp moved. Q (64 KB) is loaded by the consumers while
+//     the first rows stream in.
+//   Shared memory: Q 64 KB + bf16 ring 64 KB + raw ring 74 KB + S exchange 16 KB + rings of row offsets =
+//   224 KB, one CTA per SM. Registers: the
 //   producer warpgroup gives some to the consumers (setmaxnreg 112 / 192).
 // Epilogue: as the Triton kernel (`_attn_kernel`): direct (one split) o = O / (l + 2^(sink*log2e - m)),
 // lse, bf16 rounding, optional inverse RoPE of dims 448.. at the token's position; or fp32 partials

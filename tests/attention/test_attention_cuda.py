@@ -50,3 +50,14 @@ def test_decode_cuda_matches_triton_closely():
     assert diff.max().item() <= 2 * 2 ** -8 * ot.float().abs().max().item()
     assert (diff == 0).float().mean().item() > 0.5
     torch.testing.assert_close(lc, lt, atol=1e-4, rtol=1e-5)
+
+
+def test_auto_picks_cuda_for_decode():
+    from v4kernels._dispatch import OPS
+
+    g = make_generator("cuda-auto")
+    case = make_case(g, "swa", [300, 40], [1, 1], 64, wps=64, device="cuda")
+    A.sparse_attn_decode(**decode_view(case, 1))
+    assert OPS["sparse_attn_decode"].last_backend == "cuda"
+    A.sparse_attn_prefill(**case)
+    assert OPS["sparse_attn_prefill"].last_backend == ("cuda" if A.CUDA_PREFILL_PREFERRED else "triton")
