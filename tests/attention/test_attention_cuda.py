@@ -52,7 +52,8 @@ def test_decode_cuda_matches_triton_closely():
     torch.testing.assert_close(lc, lt, atol=1e-4, rtol=1e-5)
 
 
-def test_auto_picks_cuda_for_decode():
+def test_auto_picks_cuda_on_sm90():
+    """The CUDA loop was faster than Triton at every decode and prefill shape of the benchmark (H100)."""
     from v4kernels._dispatch import OPS
 
     g = make_generator("cuda-auto")
@@ -60,4 +61,4 @@ def test_auto_picks_cuda_for_decode():
     A.sparse_attn_decode(**decode_view(case, 1))
     assert OPS["sparse_attn_decode"].last_backend == "cuda"
     A.sparse_attn_prefill(**case)
-    assert OPS["sparse_attn_prefill"].last_backend == ("cuda" if A.CUDA_PREFILL_PREFERRED else "triton")
+    assert OPS["sparse_attn_prefill"].last_backend == "cuda"

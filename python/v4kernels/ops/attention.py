@@ -66,9 +66,6 @@ from ..triton import attention as tri
 
 KINDS = ("csa", "hca", "swa")
 MAX_SPLITS = 256
-# "auto" on sm_90: the CUDA attention loop for decode (faster than Triton at the benchmark's decode shapes);
-# prefill stays on Triton unless this is set (see BENCHMARKS.md for the measured prefill comparison)
-CUDA_PREFILL_PREFERRED = False
 
 
 # ----------------------------------------------------------------------------- plan
@@ -320,7 +317,6 @@ sparse_attn_decode_op = define_op(
 sparse_attn_prefill_op = define_op(
     f"sparse_attn_prefill({_PREFILL_ARGS}, *, str? backend=None) -> (Tensor, Tensor)",
     check=_check_prefill, reference=_ref_prefill, fake=_fake_prefill, triton=_tri_prefill, cuda=_cuda_prefill,
-    cuda_preferred=lambda *a, **k: CUDA_PREFILL_PREFERRED,
 )
 
 
@@ -366,7 +362,6 @@ sparse_attn_decode_out_op = define_op(
 sparse_attn_prefill_out_op = define_op(
     f"sparse_attn_prefill_out({_PREFILL_OUT_ARGS}, Tensor(a!) out, Tensor(b!) lse, *, str? backend=None) -> ()",
     check=_cp, reference=_rp, fake=lambda *a, **k: None, triton=_tp, cuda=_cuda_prefill_into,
-    cuda_preferred=lambda *a, **k: CUDA_PREFILL_PREFERRED,
 )
 
 
