@@ -50,6 +50,10 @@ Conventions
   the key-row and split-KV workspaces are allocated per call from the caching allocator. The Triton
   backend makes 2 launches per call (key rows, attention) plus the combine when it splits the keys,
   and needs 16-byte aligned caches (any tensor from the allocator, or a whole-page slice of one).
+* **Backends**: "cuda" (sm_90a, v4kernels._C; what "auto" picks on an H100/H200) runs the same key-row
+  and combine kernels with the warp-specialised wgmma attention loop of csrc/attention/sparse_attn_fwd.cu
+  in the middle (v4kernels/cuda/attention.py); same numerics as the Triton kernel up to the order of fp32
+  sums and its 32-key tiles (the online softmax rescales at other points, so bf16(P) can differ by an ulp).
 """
 from __future__ import annotations
 
