@@ -18,8 +18,8 @@
 //     shared memory and both warpgroups add the same two numbers (S = S_0 + S_1 in each). Then the base-2
 //     online softmax in registers and O[:, 256w..] += bf16(P) V with 2 wgmma m64n256k16 (P from registers,
 //     V = the same tile read N-major). The accumulator is 64 x 256 fp32 per warpgroup = 128 registers per
-//     thread; O is rescaled only when a row max of the warp moved. QK of the next tile is issued right behind
-//     PV of this one (one wait for both). Q (64 KB) is loaded by the consumers while the first rows stream in.
+//     thread; O is rescaled only when a row max of the warp moved. Q (64 KB) is loaded by the consumers while
+//     the first rows stream in.
 //   Shared memory: Q 64 KB + bf16 ring 64 KB + raw ring 74 KB + S exchange 16 KB + rings of row offsets =
 //   224 KB, one CTA per SM. Registers: the
 //   producer warpgroup gives some to the consumers (setmaxnreg 112 / 192).
@@ -199,9 +199,6 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs_tnspb(float* d, const uint32
 __device__ __forceinline__ void fence_regs16(float* d) {
   asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])::"memory");
 }
-__device__ __forceinline__ void fence_regs_u32x8(uint32_t* a) {
-  asm volatile("" : "+r"(a[0]), "+r"(a[1]), "+r"(a[2]), "+r"(a[3]), "+r"(a[4]), "+r"(a[5]), "+r"(a[6]), "+r"(a[7])::"memory");
-}
 __device__ __forceinline__ void fence_regs128(float* d) {
   asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])::"memory");
 }
@@ -326,14 +323,14 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.f, 0.f};  // this thread's partial row sums (its 16 columns per tile); quad-summed at the end
 
-  // Software pipeline over the tiles: QK of tile it+1 is issued right behind PV of tile it, so the tensor pipe
-  // runs them back to back; one wait covers both, then the softmax of tile it+1.
-  const int ntiles = (end - start + kBN - 1) / kBN;
-  float sc[16];       // S [64 heads x 32 keys]: n8 block j holds keys 8j + 2tq + {0, 1} of rows g, g + 8
-  uint32_t pa[2][4];  // bf16 P, the A operand of PV (read by the tensor cores until the next wait)
-  auto issue_qk = [&](int it) {
+  int it = 0;
+  for (int kb = start; kb < end; kb += kBN, ++it) {
     const int s = it % kStages;
     mbar_wait(s_base + bar_kv_full(s), (it / kStages) & 1);
+    float sc[16];  // S [64 heads x 32 keys]: n8 block j holds keys 8j + 2tq + {0, 1} of rows g, g + 8
+#pragma unroll
+    for (int i = 0; i < 16; ++i) sc[i] = 0.f;
+    fence_regs16(sc);
     wgmma_fence();
     const uint64_t kdesc = kdesc0 + static_cast<uint64_t>(s * (kTileBytes >> 4));
 #pragma unroll
@@ -343,18 +340,8 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
                          kdesc + (((kk >> 2) * kChunkBytes + (kk & 3) * 32) >> 4), kk > 0);
     }
     wgmma_commit();
-  };
-#pragma unroll
-  for (int i = 0; i < 16; ++i) sc[i] = 0.f;
-  fence_regs16(sc);
-  if (ntiles > 0) issue_qk(0);
-  for (int it = 0; it < ntiles; ++it) {
-    const int s = it % kStages;
-    wgmma_wait0();  // QK of this tile and PV of the previous one
+    wgmma_wait0();
     fence_regs16(sc);
-    fence_regs128(o);
-    fence_regs_u32x8(&pa[0][0]);
-    if (it > 0) mbar_arrive(s_base + bar_kv_empty((it - 1) % kStages));
     // S = the two warpgroups' partial sums (dims 0..255 + dims 256..511), exchanged through shared memory; both
     // add the same two numbers, so both hold the same S
     consumer_sync();  // the other warpgroup has read the previous tile's partials
@@ -393,6 +380,7 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
       sc[i] = pe;
       l[(i >> 1) & 1] += pe;
     }
+    uint32_t pa[2][4];
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {  // keys 16kk .. 16kk+15 = n8 blocks 2kk, 2kk+1 -> the A fragment of k step kk
       pa[kk][0] = pack_bf16(sc[8 * kk + 0], sc[8 * kk + 1]);
@@ -400,17 +388,11 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
       pa[kk][2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
       pa[kk][3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
     }
-    // sc is dead until the next QK, which ignores its accumulator (scale-d = 0); zeroed here, before PV's
-    // pipeline stage opens: an instruction writing wgmma accumulators inside it makes ptxas serialize
-#pragma unroll
-    for (int i = 0; i < 16; ++i) sc[i] = 0.f;
-    fence_regs16(sc);
     if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {  // no row max of the warp moved: O as is
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] *= alpha[(i >> 1) & 1];
     }
     fence_regs128(o);
-    fence_regs_u32x8(&pa[0][0]);
     wgmma_fence();
     const uint64_t vdesc = vdesc0 + static_cast<uint64_t>(s * (kTileBytes >> 4));
 #pragma unroll
@@ -419,12 +401,10 @@ __device__ __forceinline__ void consumer(const AttnParams& p, uint8_t* sm, int t
       wgmma_m64n256k16_rs_tnspb(o, pa[kk], vdesc + ((kk * 2048) >> 4));
     }
     wgmma_commit();
-    if (it + 1 < ntiles) issue_qk(it + 1);
+    wgmma_wait0();
+    fence_regs128(o);
+    mbar_arrive(s_base + bar_kv_empty(s));
   }
-  wgmma_wait0();
-  fence_regs128(o);
-  fence_regs_u32x8(&pa[0][0]);
-  if (ntiles > 0) mbar_arrive(s_base + bar_kv_empty((ntiles - 1) % kStages));
 
   // ---- epilogue
 #pragma unroll
