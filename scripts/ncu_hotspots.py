@@ -11,7 +11,8 @@ def main():
     path = sys.argv[1]
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 40
     with open(path, newline="") as f:
-        lines = [l for l in f if l.strip() and not l.startswith("==")]
+        # skip ncu's log lines and the "Kernel Name" line that precedes the CSV header
+        lines = [l for l in f if l.strip() and not l.startswith("==") and not l.startswith('"Kernel Name"')]
     rows = list(csv.DictReader(lines))
     if not rows:
         print("no rows")

@@ -1,3 +1,9 @@
+"""Quick GPU check of the CUDA attention loop against the Triton kernel (run from the repository root).
+
+Four decode cases (CSA 64 heads direct and split, HCA 128 heads, SWA 20 heads split); prints the largest
+difference, calc_diff and lse difference per case, and whether a NaN appeared. A hang here (the kernel's
+mbarrier pipeline) shows up as a timeout: run it under `timeout` before the test suite.
+"""
 import sys; sys.path.insert(0, 'tests/attention')
 import torch
 from _attn_build import make_case, decode_view
