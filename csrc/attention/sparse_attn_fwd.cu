@@ -524,12 +524,12 @@ void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh,
                             int64_t H, int64_t num_splits, cudaStream_t stream) {
   if (T <= 0 || H <= 0) return;
   if (num_splits < 1 || num_splits > 65535) throw std::invalid_argument("sparse_attn_fwd: num_splits out of range");
-  static bool attr_set = false;  // per process; the attribute is per function and device-independent here
-  if (!attr_set) {
-    cudaError_t err = cudaFuncSetAttribute(sparse_attn_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           kSmemBytes);
-    if (err != cudaSuccess) throw std::runtime_error(std::string("sparse_attn_fwd: ") + cudaGetErrorString(err));
-    attr_set = true;
+  // set on every launch (the attribute is per device; a cheap driver call, allowed under graph capture)
+  cudaError_t err = cudaFuncSetAttribute(sparse_attn_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kSmemBytes);
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("sparse_attn_fwd: cannot reserve ") + std::to_string(kSmemBytes) +
+                             " B of shared memory: " + cudaGetErrorString(err));
   }
   AttnParams p;
   p.q = static_cast<const __nv_bfloat16*>(q);
