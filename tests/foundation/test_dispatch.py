@@ -83,6 +83,14 @@ def test_cuda_extension_loads_on_gpu():
     assert "cuda" in kernel_backends("act_quant_fp8")
 
 
+@pytest.mark.skipif(not v4kernels.cuda_extension_loaded(), reason="v4kernels._C not built")
+def test_cuda_extension_registers_every_launcher_op():
+    """The ops the Python launchers (v4kernels/cuda/*.py) call are in the built extension's schema set."""
+    for name in ("act_quant_fp8_out", "moe_mxfp4_decode_gemm", "moe_mxfp4_decode_swiglu", "mhc_pre_out",
+                 "sparse_attn_fwd"):
+        assert hasattr(torch.ops.v4kernels_C, name), name
+
+
 def test_auto_takes_cuda_only_where_preferred(monkeypatch):
     """cuda_preferred narrows what "auto" sends to the CUDA kernel; a forced "cuda" needs only cuda_supported."""
     from v4kernels._dispatch import OpDef
