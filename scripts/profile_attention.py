@@ -61,7 +61,8 @@ def main():
             torch.cuda.synchronize()
             times.append(e0.elapsed_time(e1) * 1000 / 20)
         times.sort()
-        print(f"{be}: {a.kind} H={a.heads} topk={a.topk} ctx={a.ctx} B={a.batch} splits={plan.num_splits[a.kind]} "
+        splits = a.splits if a.splits is not None else plan.num_splits[a.kind]
+        print(f"{be}: {a.kind} H={a.heads} topk={a.topk} ctx={a.ctx} B={a.batch} splits={splits} "
               f"median {times[len(times) // 2]:.2f} us per call", flush=True)
 
 
