@@ -37,7 +37,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "common/stream.h"
+#include "../common/sm90.h"
+#include "../common/stream.h"
 
 namespace v4k {
 namespace {
@@ -106,33 +107,6 @@ struct AttnParams {
   float qk_scale;  // 512^-0.5 * log2(e)
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-// 1-D bulk copy global -> shared (16-byte aligned, size a multiple of 16), completing on `bar`'s tx count
-__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 }
@@ -252,7 +226,7 @@ __device__ __forceinline__ void loader(const AttnParams& p, uint8_t* sm, int t, 
   cp_async_wait<0>();
 }
 
-// Warps 1-3: the converters. Thread (warp w, lane k) converts pieces u = 3j + w - 1 (j = 0..11) of key k's raw
+// Warps 1-3: the converters. Thread (warp 1 + w, lane k) converts pieces u = 3j + w (j = 0..11) of key k's raw
 // row into the bf16 tile: e4m3 -> f16x2 (one cvt per 2) -> fp32 * 2^(e8m0 - 127) (exact) -> bf16x2; the rope
 // pieces are copied. Ignored keys give zero rows. Then the per-key mask for the consumers.
 __device__ __forceinline__ void converter(uint8_t* sm, int start, int end) {

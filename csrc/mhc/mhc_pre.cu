@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "../common/sm90.h"
 #include "../common/stream.h"
 
 namespace v4k {
@@ -68,10 +69,6 @@ struct Params {
   int S, KS, n_a, n_blocks, iters;
   float norm_eps, hc_eps;
 };
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16 bytes global -> shared; src_bytes < 16 zero-fills the rest (K tails).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
