@@ -2,10 +2,10 @@
 
 Decode: one query token per sequence at context C (C/4 compressed entries, all visible), 64 heads,
 top-k 512 (Flash) / 1024 (Pro: 128 heads, full runs). Memory-bound on the keys: minimum bytes = 68 B
-per visible key + q (64x128 bf16) + weights + indices. Backends: "triton" (fused, FP8 MMA; logits
-never in HBM), "triton_bf16mma" (the same kernel with exact bf16 products, full runs), "unfused_topk"
+per visible key + q (64x128 bf16) + weights + indices. Backends: "cuda" (the sm_90a scoring + chunk
+top-k kernel, then the Triton merge), "triton" (fused, FP8 MMA; logits never in HBM), "triton_bf16mma" (the same kernel with exact bf16 products, full runs), "unfused_topk"
 (Triton ``indexer_logits`` to HBM, then ``torch.topk``) and "reference" (float32 eager, small
-contexts only). The shape dict records the fused kernel's plan (programs per query, list length).
+contexts only). The shape dict records the Triton kernel's plan (programs per query, list length).
 
 Prefill: Q query tokens at the end of a context C (positions C-Q .. C-1, ragged-free single sequence),
 FLOP = 2*64*128 per (query, visible key); bound fp8 (target 60% of the FP8 ceiling).
@@ -55,6 +55,7 @@ def _plan(ctx, T, heads, n, topk):
 
 def _decode(ctx, gen, topk):
     import v4kernels.ops.indexer as ops
+    from v4kernels.testing import kernel_backends
     from v4kernels.triton import indexer as tri
 
     heads = H if topk <= 512 else 2 * H  # Flash: 64 heads, top-k 512; Pro: 128 heads, top-k 1024
@@ -63,6 +64,8 @@ def _decode(ctx, gen, topk):
     backends = ["triton", "unfused_topk"] if not ctx.cpu else []
     if not ctx.cpu and not ctx.quick:
         backends.insert(1, "triton_bf16mma")
+    if not ctx.cpu and "cuda" in kernel_backends("indexer_topk"):
+        backends.insert(0, "cuda")
     for C in contexts:
         n = C // 4
         for B in batches:
@@ -104,14 +107,14 @@ def _decode(ctx, gen, topk):
             for be, fn in cands:
                 try:
                     note = ""
-                    if be == "triton" and n * B <= 16384 * 8:
+                    if be in ("triton", "cuda") and n * B <= 16384 * 8:
                         ref_out = ops.indexer_topk(*sets[0][:6], topk, PAGE, n, backend="reference")
                         got = fn(*sets[0])
                         if not torch.equal(got[1], ref_out[1]):
                             note = "LENGTHS DIFFER FROM THE REFERENCE"
                     t = ctx.time(fn, arg_sets=sets, graph=be != "reference")
                     ctx.record(FAMILY, "indexer_topk", be, shape, t, flops=flops, bytes=nbytes, bound="hbm",
-                               target_pct=85 if be == "triton" else None,
+                               target_pct=85 if be in ("triton", "cuda") else None,
                                target_note=">= 85% of HBM bandwidth on the 68-B FP4 keys", note=note)
                 except Exception as exc:
                     ctx.record_failure(FAMILY, "indexer_topk", be, shape, exc)
@@ -120,6 +123,7 @@ def _decode(ctx, gen, topk):
 
 def _prefill(ctx, gen, topk):
     import v4kernels.ops.indexer as ops
+    from v4kernels.testing import kernel_backends
 
     cases = ctx.pick(full=((4096, 16384), (4096, 65536)), quick=((4096, 32768),), cpu=((32, 512),))
     for Q, C in cases:
@@ -139,7 +143,9 @@ def _prefill(ctx, gen, topk):
 
         sets = ctx.make_arg_sets(factory, bytes_per_set=nbytes, max_sets=4)
         cands = [] if ctx.cpu else [
-            ("triton", lambda q, w, c, bt, s, p: ops.indexer_topk(q, w, c, bt, s, p, topk, PAGE, n, backend="triton")),
+            (be, lambda q, w, c, bt, s, p, be=be: ops.indexer_topk(q, w, c, bt, s, p, topk, PAGE, n, backend=be))
+            for be in kernel_backends("indexer_topk")
+        ] + [
             ("unfused_topk", lambda q, w, c, bt, s, p: torch.topk(
                 ops.indexer_logits(q, w, c, bt, s, p, PAGE, n, backend="triton"), topk, dim=1)),
         ]
@@ -150,7 +156,7 @@ def _prefill(ctx, gen, topk):
             try:
                 t = ctx.time(fn, arg_sets=sets, graph=False)
                 ctx.record(FAMILY, "indexer_topk", be, shape, t, flops=flops, bytes=nbytes, bound="fp8",
-                           target_pct=60 if be == "triton" else None,
+                           target_pct=60 if be in ("triton", "cuda") else None,
                            target_note=">= 60% of the FP8 tensor ceiling (FLOP = 2*64*128 per visible pair)")
             except Exception as exc:
                 ctx.record_failure(FAMILY, "indexer_topk", be, shape, exc)

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
+#include <string>
 
 #include "common/stream.h"
 
@@ -28,11 +30,27 @@ void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh,
                             const float* cos, const float* sin, int64_t max_pos, void* out, int64_t stride_ot,
                             int64_t stride_oh, float* lse, int64_t stride_lt, float* po, float* pl, int64_t T,
                             int64_t H, int64_t num_splits, cudaStream_t stream);
+void indexer_topk_fp4_launch(const void* q, const void* w, int w_f32, const void* cache, int64_t num_pages,
+                             int64_t page_bytes, int64_t page_size, const int* bt, int64_t B, int64_t max_pages, const void* seq,
+                             int seq_i64, const void* pos, int pos_i64, int64_t T, int64_t H, int64_t n_entries,
+                             int64_t chunk, int64_t splits, int64_t M, long long* lists, int* ws,
+                             cudaStream_t stream);
+void indexer_merge_launch(const long long* lists, const int* ws, int64_t T, int64_t splits, int64_t M, int64_t chunk,
+                          int64_t n_entries, int64_t topk, const void* seq, int seq_i64, const void* pos, int pos_i64,
+                          int64_t B, const int* kvbt, int64_t kv_B, int64_t kv_max_pages, int64_t kv_page_size,
+                          int* idx, int* lengths, int* rows, cudaStream_t stream);
 }
 
 namespace {
 
 using torch::stable::Tensor;
+
+// A failed check raises (RuntimeError in Python) with the message as given. Built without iostreams: on the GPU
+// machine, STD_TORCH_CHECK's message formatting crashed (SIGSEGV in std::ostream, seen on the indexer binding).
+#define V4K_CHECK(cond, msg)                                         \
+  do {                                                               \
+    if (!(cond)) throw std::invalid_argument(std::string(msg));      \
+  } while (0)
 
 void act_quant_fp8_out(Tensor x, int64_t block, Tensor q, Tensor s) {
   STD_TORCH_CHECK(x.is_cuda() && q.is_cuda() && s.is_cuda(), "act_quant_fp8_out: CUDA tensors expected");
@@ -215,6 +233,86 @@ void sparse_attn_fwd(Tensor q, Tensor tok_pos, Tensor cache, Tensor rows, Tensor
       num_splits > 1 ? static_cast<float*>(pl->data_ptr()) : nullptr, T, H, num_splits, v4k::current_stream(device));
 }
 
+// ---- lightning indexer: scores + per-chunk top-k over the paged FP4 key cache (csrc/indexer/indexer_topk_fp4.cu) ----
+// Python (v4kernels/cuda/indexer.py) hands over q bf16 [T, H, 128] and weights [T, H] (fp32 or bf16), contiguous;
+// the uint8 IDX_FP4 cache [num_pages, page_size * 68]; int32 block table [B, max_pages]; seq / pos int32 or int64
+// [T]; lists int64 [T, splits, M] and the optional score workspace ws int32 [T, n_entries] (the Triton merge
+// kernel's inputs).
+void indexer_topk_fp4(Tensor q, Tensor w, Tensor cache, Tensor bt, Tensor seq, Tensor pos, int64_t page_size,
+                      int64_t n_entries, int64_t chunk, Tensor lists, std::optional<Tensor> ws) {
+  V4K_CHECK(q.is_cuda() && q.is_contiguous() && q.dim() == 3 && q.size(2) == 128 && q.element_size() == 2 &&
+                      reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0,
+                  "indexer_topk_fp4: q must be contiguous 16-byte aligned bf16 [T, H, 128]");
+  const int64_t T = q.size(0), H = q.size(1);
+  V4K_CHECK(w.is_contiguous() && w.dim() == 2 && w.size(0) == T && w.size(1) == H &&
+                      (w.element_size() == 4 || w.element_size() == 2),
+                  "indexer_topk_fp4: weights must be contiguous fp32 / bf16 [T, H]");
+  V4K_CHECK(page_size >= 4 && page_size % 4 == 0, "indexer_topk_fp4: page_size must be a multiple of 4");
+  V4K_CHECK(cache.is_contiguous() && cache.dim() == 2 && cache.element_size() == 1 &&
+                cache.size(1) >= page_size * 68 && cache.size(1) % 16 == 0 &&
+                reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
+            "indexer_topk_fp4: cache must be a contiguous 16-byte aligned uint8 [num_pages, page_bytes] "
+            "(page_bytes >= page_size * 68, a multiple of 16)");
+  V4K_CHECK(bt.is_contiguous() && bt.dim() == 2 && bt.element_size() == 4,
+                  "indexer_topk_fp4: block_table must be contiguous int32 [B, max_pages]");
+  V4K_CHECK(seq.is_contiguous() && seq.numel() == T && (seq.element_size() == 4 || seq.element_size() == 8) &&
+                      pos.is_contiguous() && pos.numel() == T && (pos.element_size() == 4 || pos.element_size() == 8),
+                  "indexer_topk_fp4: seq_ids / positions must be contiguous int32 / int64 [T]");
+  V4K_CHECK(n_entries >= 0 && n_entries <= bt.size(1) * page_size && n_entries < (1LL << 31),
+                  "indexer_topk_fp4: n_entries must be in [0, max_pages * page_size]");
+  V4K_CHECK(lists.is_contiguous() && lists.dim() == 3 && lists.size(0) == T && lists.element_size() == 8,
+                  "indexer_topk_fp4: lists must be contiguous int64 [T, splits, M]");
+  V4K_CHECK(chunk > 0 && chunk % 64 == 0 && lists.size(1) * chunk >= n_entries,
+                  "indexer_topk_fp4: chunk must be a multiple of 64 and splits * chunk must cover n_entries");
+  V4K_CHECK(!ws.has_value() || (ws->is_contiguous() && ws->numel() == T * n_entries && ws->element_size() == 4),
+            "indexer_topk_fp4: ws must be contiguous int32 [T, n_entries]");
+  const int device = q.get_device_index();
+  v4k::DeviceGuard guard(device);
+  v4k::indexer_topk_fp4_launch(q.data_ptr(), w.data_ptr(), w.element_size() == 4, cache.data_ptr(), cache.size(0),
+                               cache.size(1), page_size, static_cast<const int*>(bt.data_ptr()), bt.size(0), bt.size(1),
+                               seq.data_ptr(), seq.element_size() == 8, pos.data_ptr(), pos.element_size() == 8, T, H,
+                               n_entries, chunk, lists.size(1), lists.size(2),
+                               static_cast<long long*>(lists.data_ptr()),
+                               ws.has_value() ? static_cast<int*>(ws->data_ptr()) : nullptr,
+                               v4k::current_stream(device));
+}
+
+// lists int64 [T, splits, M] (sorted, SENT padded) and ws int32 [T, n_entries] from indexer_topk_fp4; seq / pos
+// as there; B = block-table rows; kvbt int32 [kv_B, kv_max_pages] or none; idx int32 [T, topk], lengths int32 [T],
+// rows int32 [T, topk] (or [T, 0] without kvbt).
+void indexer_merge(Tensor lists, std::optional<Tensor> ws, int64_t chunk, int64_t n_entries, int64_t topk, Tensor seq,
+                   Tensor pos, int64_t B, std::optional<Tensor> kvbt, int64_t kv_page_size, Tensor idx, Tensor lengths,
+                   Tensor rows) {
+  V4K_CHECK(lists.is_cuda() && lists.is_contiguous() && lists.dim() == 3 && lists.element_size() == 8,
+            "indexer_merge: lists must be contiguous int64 [T, splits, M]");
+  const int64_t T = lists.size(0);
+  V4K_CHECK(chunk > 0 && lists.size(1) * chunk >= n_entries && n_entries < (1LL << 31),
+            "indexer_merge: splits * chunk must cover n_entries");
+  V4K_CHECK(topk >= 1 && topk <= 2048, "indexer_merge: topk must be in [1, 2048]");
+  V4K_CHECK(!ws.has_value() || (ws->is_contiguous() && ws->numel() == T * n_entries && ws->element_size() == 4),
+            "indexer_merge: ws must be contiguous int32 [T, n_entries]");
+  V4K_CHECK(seq.is_contiguous() && seq.numel() == T && (seq.element_size() == 4 || seq.element_size() == 8) &&
+                pos.is_contiguous() && pos.numel() == T && (pos.element_size() == 4 || pos.element_size() == 8),
+            "indexer_merge: seq_ids / positions must be contiguous int32 / int64 [T]");
+  V4K_CHECK(idx.is_contiguous() && idx.numel() == T * topk && idx.element_size() == 4 && lengths.is_contiguous() &&
+                lengths.numel() == T && lengths.element_size() == 4,
+            "indexer_merge: idx must be int32 [T, topk] and lengths int32 [T]");
+  if (kvbt.has_value()) {
+    V4K_CHECK(kvbt->is_contiguous() && kvbt->dim() == 2 && kvbt->element_size() == 4 && kv_page_size >= 1 &&
+                  rows.is_contiguous() && rows.numel() == T * topk && rows.element_size() == 4,
+              "indexer_merge: kv_block_table must be int32 [kv_B, kv_max_pages] with rows int32 [T, topk]");
+  }
+  const int device = lists.get_device_index();
+  v4k::DeviceGuard guard(device);
+  v4k::indexer_merge_launch(
+      static_cast<const long long*>(lists.data_ptr()), ws.has_value() ? static_cast<const int*>(ws->data_ptr()) : nullptr,
+      T, lists.size(1), lists.size(2), chunk, n_entries, topk, seq.data_ptr(), seq.element_size() == 8, pos.data_ptr(),
+      pos.element_size() == 8, B, kvbt.has_value() ? static_cast<const int*>(kvbt->data_ptr()) : nullptr,
+      kvbt.has_value() ? kvbt->size(0) : 0, kvbt.has_value() ? kvbt->size(1) : 0, kv_page_size,
+      static_cast<int*>(idx.data_ptr()), static_cast<int*>(lengths.data_ptr()),
+      kvbt.has_value() ? static_cast<int*>(rows.data_ptr()) : nullptr, v4k::current_stream(device));
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(v4kernels_C, m) {
@@ -229,6 +327,10 @@ STABLE_TORCH_LIBRARY(v4kernels_C, m) {
   m.def("sparse_attn_fwd(Tensor q, Tensor tok_pos, Tensor cache, Tensor rows, Tensor scw, Tensor nkeys, "
         "Tensor? sink, Tensor? cos, Tensor? sin, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? po, Tensor(d!)? pl, "
         "int num_splits) -> ()");
+  m.def("indexer_topk_fp4(Tensor q, Tensor w, Tensor cache, Tensor bt, Tensor seq, Tensor pos, int page_size, "
+        "int n_entries, int chunk, Tensor(a!) lists, Tensor(b!)? ws=None) -> ()");
+  m.def("indexer_merge(Tensor lists, Tensor? ws, int chunk, int n_entries, int topk, Tensor seq, Tensor pos, int B, "
+        "Tensor? kvbt, int kv_page_size, Tensor(a!) idx, Tensor(b!) lengths, Tensor(c!) rows) -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {
@@ -237,6 +339,8 @@ STABLE_TORCH_LIBRARY_IMPL(v4kernels_C, CUDA, m) {
   m.impl("moe_mxfp4_decode_swiglu", TORCH_BOX(&moe_mxfp4_decode_swiglu));
   m.impl("mhc_pre_out", TORCH_BOX(&mhc_pre_out));
   m.impl("sparse_attn_fwd", TORCH_BOX(&sparse_attn_fwd));
+  m.impl("indexer_topk_fp4", TORCH_BOX(&indexer_topk_fp4));
+  m.impl("indexer_merge", TORCH_BOX(&indexer_merge));
 }
 
 // Importing v4kernels._C runs the static registrations above; the module itself is empty.

@@ -23,11 +23,26 @@ def _dev():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _cuda_handles(case) -> bool:
+    """The CUDA backend's inputs (FP4 keys, page sizes % 4 == 0); it raises NotImplementedError on others."""
+    return case.fmt == "idx_fp4" and case.page_size % 4 == 0
+
+
+def _skip_unsupported(case, backend):
+    if backend == "cuda" and not _cuda_handles(case):
+        pytest.skip("CUDA indexer kernel: FP4 keys with page sizes % 4 == 0 only (others run on Triton)")
+
+
 def _check_topk(case, topk, backend, **tri_kwargs):
+    _skip_unsupported(case, backend)
     want = ref.indexer_topk(*case.args(topk))
     dev = _dev()
     c = case.to(dev)
-    if tri_kwargs:  # force the chunk / merge-tree shape through the Triton launcher
+    if tri_kwargs and backend == "cuda":  # force many chunks through the CUDA launcher (its only knob)
+        from v4kernels.cuda import indexer as cu
+
+        got = cu.indexer_topk(*c.args(topk), chunk=tri_kwargs.get("chunk") or 64)
+    elif tri_kwargs:  # force the chunk / merge-tree shape through the Triton launcher
         from v4kernels.triton import indexer as tri
 
         got = tri.indexer_topk(*c.args(topk), **tri_kwargs)
@@ -157,6 +172,9 @@ def test_page_holes_and_empty_sequences(backend, gen):
 
 
 def _hypothesis_case(backend, lens, tps, page_size, topk, fmt, seed):
+    from hypothesis import assume
+
+    assume(backend != "cuda" or (fmt == "idx_fp4" and page_size % 4 == 0))
     g = make_generator(seed)
     case = make_case(g, lens, [tps] * len(lens), page_size=page_size, heads=16, fmt=fmt)
     want = _check_topk(case, topk, backend)
@@ -318,15 +336,17 @@ def test_seq_ids_from_cu_seqlens():
 
 # ----------------------------------------------------------------------------- GPU only
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", FMTS)
-def test_cuda_graph_decode_long_context(fmt):
+def test_cuda_graph_decode_long_context(backend, fmt):
     g = make_generator("cuda-graph")
     case = make_case(g, [5000, 20000, 1], [1, 2, 1], page_size=64, heads=64, fmt=fmt).to("cuda")
+    _skip_unsupported(case, backend)
     want = ref.indexer_topk(*case.args(512))
-    ops.indexer_topk(*case.args(512), backend="triton")
+    ops.indexer_topk(*case.args(512), backend=backend)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = ops.indexer_topk(*case.args(512), backend="triton")
+        out = ops.indexer_topk(*case.args(512), backend=backend)
     graph.replay()
     torch.cuda.synchronize()
     for o, w in zip(out, want):
@@ -334,14 +354,15 @@ def test_cuda_graph_decode_long_context(fmt):
 
 
 @pytest.mark.cuda
-def test_cuda_prefill_ragged():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_prefill_ragged(backend):
     g = make_generator("cuda-prefill")
     n = 3000
     pos = list(range(0, 4 * n, 7))
     case = make_case(g, [n, 900], [len(pos), 300], page_size=64, heads=64,
                      positions=[pos, list(range(3300, 3600))]).to("cuda")
     want = ref.indexer_topk(*case.args(1024))
-    out = ops.indexer_topk(*case.args(1024), backend="triton")
+    out = ops.indexer_topk(*case.args(1024), backend=backend)
     for o, w in zip(out, want):
         assert torch.equal(o.cpu(), w.cpu())
 
@@ -358,32 +379,36 @@ def test_cuda_prefill_ragged():
     (65536, 2, 128, 1024),   # Pro: 128 heads, top-k 1024
     (262144, 1, 128, 1024),  # Pro at 1M context
 ], ids=lambda v: str(v))
-def test_cuda_decode_v4_shapes(n, batch, heads, topk):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_decode_v4_shapes(backend, n, batch, heads, topk):
     g = make_generator(f"cuda-decode-{n}-{batch}-{heads}")
     case = make_case(g, [n] * batch, [1] * batch, page_size=64, heads=heads, device="cuda")
     want = ref.indexer_topk(*case.args(topk))
-    out = ops.indexer_topk(*case.args(topk), backend="triton")
+    out = ops.indexer_topk(*case.args(topk), backend=backend)
     for name, o, w in zip(("indices", "lengths", "kv_rows"), out, want):
         assert torch.equal(o, w), f"{name} differ in {int((o != w).any(dim=-1).sum()) if o.dim() > 1 else -1} rows"
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", FMTS)
-def test_cuda_prefill_v4_shape(fmt):
+def test_cuda_prefill_v4_shape(backend, fmt):
     # 512 query tokens at the end of a 32K context (8192 entries): 256 programs of two tokens
     g = make_generator(f"cuda-prefill-{fmt}")
     n, T = 8192, 512
     pos = list(range(4 * n - T, 4 * n))
     case = make_case(g, [n], [T], page_size=64, heads=64, fmt=fmt, positions=[pos], device="cuda")
+    _skip_unsupported(case, backend)
     want = ref.indexer_topk(*case.args(512))
-    out = ops.indexer_topk(*case.args(512), backend="triton")
+    out = ops.indexer_topk(*case.args(512), backend=backend)
     for o, w in zip(out, want):
         assert torch.equal(o, w)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,batch,T", [(262144, 1, 1), (16384, 32, 1), (8192, 1, 256)], ids=str)
-def test_cuda_random_fp4_inputs(n, batch, T):
+def test_cuda_random_fp4_inputs(backend, n, batch, T):
     """Real FP4 quantization (block scales differ): the FP8 MMA path (whose tensor-core accumulation keeps
     fewer bits than fp32) must select the reference's set up to near-ties: every selected score >= the
     reference's k-th score minus 1e-3 of the largest score, sorted up to the same tolerance."""
@@ -394,7 +419,7 @@ def test_cuda_random_fp4_inputs(n, batch, T):
     topk = 512
     lg = ref.indexer_logits(*case.args())
     want = ref.indexer_topk(*case.args(topk))
-    got = ops.indexer_topk(*case.args(topk), backend="triton")
+    got = ops.indexer_topk(*case.args(topk), backend=backend)
     assert torch.equal(got[1], want[1])
     for i in range(got[0].shape[0]):
         k = int(want[1][i])

@@ -220,6 +220,18 @@ def _tri_topk(*args, **kwargs):
     return _triton().indexer_topk(*args, **kwargs)
 
 
+def _cuda_topk(*args, **kwargs):
+    from ..cuda import indexer as cu
+
+    return cu.indexer_topk(*args, **kwargs)
+
+
+def _cuda_topk_supported(*args, **kwargs):
+    from ..cuda import indexer as cu
+
+    return cu.supported(*args, **kwargs)
+
+
 indexer_topk_op = define_op(
     "indexer_topk(Tensor q, Tensor weights, Tensor key_cache, Tensor block_table, Tensor seq_ids, "
     "Tensor positions, int topk, int page_size, int n_entries=-1, str fmt=\"idx_fp4\", "
@@ -228,6 +240,11 @@ indexer_topk_op = define_op(
     reference=ref.indexer_topk,
     fake=_fake_topk,
     triton=_tri_topk,
+    cuda=_cuda_topk,  # FP4 keys, page sizes % 4 == 0 (v4kernels/cuda/indexer.py)
+    cuda_supported=_cuda_topk_supported,
+    # decode batches: one CTA per (token, chunk) reads its keys alone, so large prefill batches (where the Triton
+    # kernel shares each key tile between two query tokens of a sequence) stay on Triton
+    cuda_preferred=lambda q, *a, **k: q.shape[0] < 512,
 )
 
 
@@ -243,6 +260,11 @@ def indexer_topk(q, weights, key_cache, block_table, seq_ids, positions, topk, p
     each chunk keeps only its best 32-64 candidates and the 4-byte scores stay in an L2-resident
     workspace for the rare chunk holding more winners. Selection: the ``topk`` visible entries with the
     highest scores, sorted by score descending; equal scores -> lower entry index first.
+
+    Backends: "cuda" (sm_90a, FP4 keys with page sizes % 4 == 0; what "auto" picks for fewer than 512 query
+    tokens, i.e. decode): the same FP8 factorisation in a warp-specialised wgmma kernel that keeps each chunk's
+    best keys in shared memory, then a CUDA merge kernel (v4kernels/cuda/indexer.py); "triton" (everything,
+    and "auto" for prefill batches); "reference".
 
     Parameters
     ----------
