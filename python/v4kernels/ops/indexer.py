@@ -242,9 +242,6 @@ indexer_topk_op = define_op(
     triton=_tri_topk,
     cuda=_cuda_topk,  # FP4 keys, page sizes % 4 == 0 (v4kernels/cuda/indexer.py)
     cuda_supported=_cuda_topk_supported,
-    # decode batches: one CTA per (token, chunk) reads its keys alone, so large prefill batches (where the Triton
-    # kernel shares each key tile between two query tokens of a sequence) stay on Triton
-    cuda_preferred=lambda q, *a, **k: q.shape[0] < 512,
 )
 
 
@@ -261,10 +258,10 @@ def indexer_topk(q, weights, key_cache, block_table, seq_ids, positions, topk, p
     workspace for the rare chunk holding more winners. Selection: the ``topk`` visible entries with the
     highest scores, sorted by score descending; equal scores -> lower entry index first.
 
-    Backends: "cuda" (sm_90a, FP4 keys with page sizes % 4 == 0; what "auto" picks for fewer than 512 query
-    tokens, i.e. decode): the same FP8 factorisation in a warp-specialised wgmma kernel that keeps each chunk's
-    best keys in shared memory, then a CUDA merge kernel (v4kernels/cuda/indexer.py); "triton" (everything,
-    and "auto" for prefill batches); "reference".
+    Backends: "cuda" (sm_90a, FP4 keys with page sizes % 4 == 0; what "auto" picks there, decode and prefill:
+    faster than Triton at every benchmark shape): the same FP8 factorisation in a warp-specialised wgmma kernel
+    that keeps each chunk's best keys in shared memory, then a CUDA merge kernel (v4kernels/cuda/indexer.py);
+    "triton" (every input, and "auto" for FP8 keys or other page sizes); "reference".
 
     Parameters
     ----------
