@@ -42,7 +42,7 @@ namespace v4k {
 namespace {
 
 constexpr int kBN = 64;                        // entries per tile (wgmma M)
-constexpr int kStages = 8;                     // raw ring depth
+constexpr int kStages = 6;                     // raw ring depth
 constexpr int kRowBytes = 64;                  // FP4 code bytes per entry
 constexpr int kStageBytes = kBN * (kRowBytes + 4);  // 4096 code bytes + 256 scale bytes
 constexpr int kThreads = 160;                  // consumer warpgroup + loader warp
@@ -748,7 +748,7 @@ __global__ void __launch_bounds__(kMergeThreads) indexer_merge_kernel(const __gr
 
 // ---------------------------------------------------------------------------------------------- kernel
 template <int H>
-__global__ void __launch_bounds__(kThreads, H <= 64 ? 3 : 2) indexer_topk_fp4_kernel(const __grid_constant__ IdxParams p) {
+__global__ void __launch_bounds__(kThreads, H <= 64 ? 4 : 2) indexer_topk_fp4_kernel(const __grid_constant__ IdxParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* sm = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-aligned, still shared-space
   const Layout L = make_layout(H, p.chunk, p.npt);
