@@ -42,7 +42,7 @@ namespace v4k {
 namespace {
 
 constexpr int kBN = 64;                        // entries per tile (wgmma M)
-constexpr int kStages = 6;                     // raw ring depth
+constexpr int kStages = 8;                     // raw ring depth
 constexpr int kRowBytes = 64;                  // FP4 code bytes per entry
 constexpr int kStageBytes = kBN * (kRowBytes + 4);  // 4096 code bytes + 256 scale bytes
 constexpr int kThreads = 160;                  // consumer warpgroup + loader warp
@@ -286,8 +286,7 @@ __device__ __forceinline__ void load_tile(uint8_t* sm, const Layout& L, int j, T
     fp4x8_to_e4m3(w0[st], lo0, hi0, A.a[4 * st + 0], A.a[4 * st + 2]);
     fp4x8_to_e4m3(w1[st], lo1, hi1, A.a[4 * st + 1], A.a[4 * st + 3]);
   }
-  __syncwarp();
-  if (lane == 0) mbar_arrive(smem_u32(sm + L.empty + s * 8));  // the stage's bytes are in registers
+  mbar_arrive(smem_u32(sm + L.empty + s * 8));  // this thread's reads of the stage are done (every thread arrives)
 }
 
 // the accumulator is read only after the wait: these empty asm statements keep the compiler from hoisting the reads
@@ -748,7 +747,7 @@ __global__ void __launch_bounds__(kMergeThreads) indexer_merge_kernel(const __gr
 
 // ---------------------------------------------------------------------------------------------- kernel
 template <int H>
-__global__ void __launch_bounds__(kThreads, H <= 64 ? 4 : 2) indexer_topk_fp4_kernel(const __grid_constant__ IdxParams p) {
+__global__ void __launch_bounds__(kThreads, H <= 64 ? 3 : 2) indexer_topk_fp4_kernel(const __grid_constant__ IdxParams p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* sm = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-aligned, still shared-space
   const Layout L = make_layout(H, p.chunk, p.npt);
@@ -769,7 +768,7 @@ __global__ void __launch_bounds__(kThreads, H <= 64 ? 4 : 2) indexer_topk_fp4_ke
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(smem_u32(sm + L.full + s * 8), 1);
-      mbar_init(smem_u32(sm + L.empty + s * 8), 4);
+      mbar_init(smem_u32(sm + L.empty + s * 8), 128);  // the consumer threads
     }
   }
   {
