@@ -45,19 +45,32 @@ namespace {
 
 using torch::stable::Tensor;
 
-// A failed check raises (RuntimeError in Python) with the message as given. Built without iostreams: on the GPU
-// machine, STD_TORCH_CHECK's message formatting crashed (SIGSEGV in std::ostream, seen on the indexer binding).
-#define V4K_CHECK(cond, msg)                                         \
-  do {                                                               \
-    if (!(cond)) throw std::invalid_argument(std::string(msg));      \
+// A failed check raises (ValueError in Python) with the message pieces concatenated. Built without iostreams: on
+// the GPU machine a failing STD_TORCH_CHECK crashed the process (SIGSEGV in std::ostream while formatting its
+// message, seen on the indexer binding), so no binding uses it.
+inline void v4k_append(std::string&) {}
+template <typename... Rest>
+inline void v4k_append(std::string& s, const char* piece, Rest... rest) {
+  s += piece;
+  v4k_append(s, rest...);
+}
+template <typename... Pieces>
+inline std::string v4k_concat(Pieces... pieces) {
+  std::string s;
+  v4k_append(s, pieces...);
+  return s;
+}
+#define V4K_CHECK(cond, ...)                                               \
+  do {                                                                     \
+    if (!(cond)) throw std::invalid_argument(v4k_concat(__VA_ARGS__));     \
   } while (0)
 
 void act_quant_fp8_out(Tensor x, int64_t block, Tensor q, Tensor s) {
-  STD_TORCH_CHECK(x.is_cuda() && q.is_cuda() && s.is_cuda(), "act_quant_fp8_out: CUDA tensors expected");
-  STD_TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous(),
+  V4K_CHECK(x.is_cuda() && q.is_cuda() && s.is_cuda(), "act_quant_fp8_out: CUDA tensors expected");
+  V4K_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous(),
                   "act_quant_fp8_out: contiguous tensors expected");
   const int64_t cols = x.dim() == 0 ? 1 : x.size(x.dim() - 1);
-  STD_TORCH_CHECK(cols % block == 0, "act_quant_fp8_out: last dim must be a multiple of block");
+  V4K_CHECK(cols % block == 0, "act_quant_fp8_out: last dim must be a multiple of block");
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
   const int device = x.get_device_index();
   v4k::DeviceGuard guard(device);
@@ -69,13 +82,13 @@ void act_quant_fp8_out(Tensor x, int64_t block, Tensor q, Tensor s) {
 // Python (v4kernels/cuda/moe.py) hands over byte views: a e4m3 as uint8 (mode 0) or bf16 (mode 1),
 // e8m0 scales as uint8, int32 offsets / row ids, fp32 row weights; all contiguous, 16-byte aligned.
 void check_mxfp4_weight(const char* name, const Tensor& w, const Tensor& ws, int64_t E, int64_t N, int64_t K) {
-  STD_TORCH_CHECK(w.is_cuda() && ws.is_cuda() && w.is_contiguous() && ws.is_contiguous(), name,
+  V4K_CHECK(w.is_cuda() && ws.is_cuda() && w.is_contiguous() && ws.is_contiguous(), name,
                   ": contiguous CUDA tensors expected");
-  STD_TORCH_CHECK(w.dim() == 3 && w.element_size() == 1 && w.size(0) == E && w.size(1) == N && w.size(2) == K / 2,
+  V4K_CHECK(w.dim() == 3 && w.element_size() == 1 && w.size(0) == E && w.size(1) == N && w.size(2) == K / 2,
                   name, ": expected uint8 [E, N, K/2]");
-  STD_TORCH_CHECK(ws.dim() == 3 && ws.element_size() == 1 && ws.size(0) == E && ws.size(1) == N &&
+  V4K_CHECK(ws.dim() == 3 && ws.element_size() == 1 && ws.size(0) == E && ws.size(1) == N &&
                       ws.size(2) == K / 32, name, " scale: expected e8m0 bytes [E, N, K/32]");
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
+  V4K_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(ws.data_ptr()) % 16 == 0,
                   name, ": 16-byte aligned data expected");
 }
@@ -84,35 +97,35 @@ void moe_mxfp4_decode_common(const Tensor& a, const std::optional<Tensor>& a_sca
                              const Tensor& ws0, const Tensor* w1, const Tensor* ws1, const Tensor& expert_offsets,
                              const std::optional<Tensor>& row_ids, const std::optional<Tensor>& row_weights,
                              int64_t mode, double limit, Tensor& out) {
-  STD_TORCH_CHECK(mode == 0 || mode == 1, "moe_mxfp4_decode: mode must be 0 (w4a8) or 1 (w4a16)");
-  STD_TORCH_CHECK(w0.dim() == 3, "moe_mxfp4_decode: w must be [E, N, K/2]");
+  V4K_CHECK(mode == 0 || mode == 1, "moe_mxfp4_decode: mode must be 0 (w4a8) or 1 (w4a16)");
+  V4K_CHECK(w0.dim() == 3, "moe_mxfp4_decode: w must be [E, N, K/2]");
   const int64_t E = w0.size(0), N = w0.size(1), K = 2 * w0.size(2);
-  STD_TORCH_CHECK(K > 0 && K % 512 == 0, "moe_mxfp4_decode: K must be a positive multiple of 512");
-  STD_TORCH_CHECK(E >= 1 && E <= 1024, "moe_mxfp4_decode: expected 1 <= E <= 1024 experts");
+  V4K_CHECK(K > 0 && K % 512 == 0, "moe_mxfp4_decode: K must be a positive multiple of 512");
+  V4K_CHECK(E >= 1 && E <= 1024, "moe_mxfp4_decode: expected 1 <= E <= 1024 experts");
   check_mxfp4_weight("w", w0, ws0, E, N, K);
   if (w1 != nullptr) check_mxfp4_weight("w3", *w1, *ws1, E, N, K);
-  STD_TORCH_CHECK(a.is_cuda() && a.is_contiguous() && a.dim() == 2 && a.size(1) == K &&
+  V4K_CHECK(a.is_cuda() && a.is_contiguous() && a.dim() == 2 && a.size(1) == K &&
                       a.element_size() == (mode == 0 ? 1 : 2),
                   "moe_mxfp4_decode: a must be contiguous [Ma, K] e4m3 (w4a8) or bf16 (w4a16)");
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0, "moe_mxfp4_decode: a must be 16-byte aligned");
+  V4K_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0, "moe_mxfp4_decode: a must be 16-byte aligned");
   const int64_t Ma = a.size(0);
   const void* sp = nullptr;
   if (mode == 0) {
-    STD_TORCH_CHECK(a_scale.has_value(), "moe_mxfp4_decode: w4a8 needs a_scale");
+    V4K_CHECK(a_scale.has_value(), "moe_mxfp4_decode: w4a8 needs a_scale");
     const Tensor& s = *a_scale;
-    STD_TORCH_CHECK(s.is_cuda() && s.is_contiguous() && s.dim() == 2 && s.size(0) == Ma && s.size(1) == K / 128 &&
+    V4K_CHECK(s.is_cuda() && s.is_contiguous() && s.dim() == 2 && s.size(0) == Ma && s.size(1) == K / 128 &&
                         s.element_size() == 1,
                     "moe_mxfp4_decode: a_scale must be contiguous e8m0 bytes [Ma, K/128]");
     sp = s.data_ptr();
   }
-  STD_TORCH_CHECK(expert_offsets.is_cuda() && expert_offsets.is_contiguous() && expert_offsets.dim() == 1 &&
+  V4K_CHECK(expert_offsets.is_cuda() && expert_offsets.is_contiguous() && expert_offsets.dim() == 1 &&
                       expert_offsets.size(0) == E + 1 && expert_offsets.element_size() == 4,
                   "moe_mxfp4_decode: expert_offsets must be contiguous int32 [E+1]");
   int64_t M = Ma;
   const int* rid = nullptr;
   if (row_ids.has_value()) {
     const Tensor& r = *row_ids;
-    STD_TORCH_CHECK(r.is_cuda() && r.is_contiguous() && r.dim() == 1 && r.element_size() == 4,
+    V4K_CHECK(r.is_cuda() && r.is_contiguous() && r.dim() == 1 && r.element_size() == 4,
                     "moe_mxfp4_decode: row_ids must be contiguous int32 [M]");
     M = r.size(0);
     rid = static_cast<const int*>(r.data_ptr());
@@ -120,11 +133,11 @@ void moe_mxfp4_decode_common(const Tensor& a, const std::optional<Tensor>& a_sca
   const float* rw = nullptr;
   if (row_weights.has_value()) {
     const Tensor& r = *row_weights;
-    STD_TORCH_CHECK(r.is_cuda() && r.is_contiguous() && r.dim() == 1 && r.size(0) == M && r.element_size() == 4,
+    V4K_CHECK(r.is_cuda() && r.is_contiguous() && r.dim() == 1 && r.size(0) == M && r.element_size() == 4,
                     "moe_mxfp4_decode: row_weights must be contiguous fp32 [M]");
     rw = static_cast<const float*>(r.data_ptr());
   }
-  STD_TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
+  V4K_CHECK(out.is_cuda() && out.is_contiguous() && out.dim() == 2 && out.size(0) == M && out.size(1) == N &&
                       out.element_size() == 2,
                   "moe_mxfp4_decode: out must be contiguous bf16 [M, N]");
   const int device = out.get_device_index();
@@ -153,20 +166,20 @@ void moe_mxfp4_decode_swiglu(Tensor a, std::optional<Tensor> a_scale, Tensor w1,
 void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps, double hc_eps, int64_t iters,
                  Tensor part, Tensor cnt, Tensor y, Tensor post, Tensor comb, Tensor pre) {
   for (const Tensor* t : {&x, &fn, &base, &scale, &part, &cnt, &y, &post, &comb, &pre}) {
-    STD_TORCH_CHECK(t->is_cuda() && t->is_contiguous(), "mhc_pre_out: contiguous CUDA tensors expected");
+    V4K_CHECK(t->is_cuda() && t->is_contiguous(), "mhc_pre_out: contiguous CUDA tensors expected");
   }
-  STD_TORCH_CHECK(x.dim() == 3 && x.size(1) == 4 && x.element_size() == 2, "mhc_pre_out: x must be bf16 [T, 4, d]");
+  V4K_CHECK(x.dim() == 3 && x.size(1) == 4 && x.element_size() == 2, "mhc_pre_out: x must be bf16 [T, 4, d]");
   const int64_t T = x.size(0), d = x.size(2), K = 4 * d;
-  STD_TORCH_CHECK(d > 0 && d % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+  V4K_CHECK(d > 0 && d % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
                   "mhc_pre_out: d must be a positive multiple of 16 and x 16-byte aligned");
-  STD_TORCH_CHECK(fn.dim() == 2 && fn.size(0) == 24 && fn.size(1) == K && fn.element_size() == 4,
+  V4K_CHECK(fn.dim() == 2 && fn.size(0) == 24 && fn.size(1) == K && fn.element_size() == 4,
                   "mhc_pre_out: fn must be fp32 [24, 4d]");
-  STD_TORCH_CHECK(base.numel() == 24 && scale.numel() == 3 && base.element_size() == 4 && scale.element_size() == 4,
+  V4K_CHECK(base.numel() == 24 && scale.numel() == 3 && base.element_size() == 4 && scale.element_size() == 4,
                   "mhc_pre_out: base fp32 [24] and scale fp32 [3] expected");
   const int64_t ks = v4k::mhc_pre_slice(K), S = (K + ks - 1) / ks, nb = (T + 63) / 64;
-  STD_TORCH_CHECK(part.numel() >= nb * S * 64 * 32 && part.element_size() == 4, "mhc_pre_out: part too small");
-  STD_TORCH_CHECK(cnt.numel() >= nb + 1 && cnt.element_size() == 4, "mhc_pre_out: cnt must be int32 [ceil(T/64) + 1]");
-  STD_TORCH_CHECK(y.numel() == T * d && y.element_size() == 2 && post.numel() == T * 4 && comb.numel() == T * 16 &&
+  V4K_CHECK(part.numel() >= nb * S * 64 * 32 && part.element_size() == 4, "mhc_pre_out: part too small");
+  V4K_CHECK(cnt.numel() >= nb + 1 && cnt.element_size() == 4, "mhc_pre_out: cnt must be int32 [ceil(T/64) + 1]");
+  V4K_CHECK(y.numel() == T * d && y.element_size() == 2 && post.numel() == T * 4 && comb.numel() == T * 16 &&
                       pre.numel() == T * 4,
                   "mhc_pre_out: outputs must be y bf16 [T, d], post / pre fp32 [T, 4], comb fp32 [T, 4, 4]");
   const int device = x.get_device_index();
@@ -184,37 +197,37 @@ void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps
 void sparse_attn_fwd(Tensor q, Tensor tok_pos, Tensor cache, Tensor rows, Tensor scw, Tensor nkeys,
                      std::optional<Tensor> sink, std::optional<Tensor> cos, std::optional<Tensor> sin, Tensor out,
                      Tensor lse, std::optional<Tensor> po, std::optional<Tensor> pl, int64_t num_splits) {
-  STD_TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.size(2) == 512 && q.element_size() == 2 && q.stride(2) == 1,
+  V4K_CHECK(q.is_cuda() && q.dim() == 3 && q.size(2) == 512 && q.element_size() == 2 && q.stride(2) == 1,
                   "sparse_attn_fwd: q must be bf16 [T, H, 512] with a contiguous last dim");
   const int64_t T = q.size(0), H = q.size(1);
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0,
+  V4K_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0 && q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0,
                   "sparse_attn_fwd: q rows must be 16-byte aligned");
-  STD_TORCH_CHECK(rows.is_contiguous() && scw.is_contiguous() && rows.dim() == 2 && rows.size(0) == T &&
+  V4K_CHECK(rows.is_contiguous() && scw.is_contiguous() && rows.dim() == 2 && rows.size(0) == T &&
                       rows.element_size() == 8 && scw.dim() == 2 && scw.size(0) == T && scw.size(1) == rows.size(1) &&
                       scw.element_size() == 8,
                   "sparse_attn_fwd: rows / scw must be contiguous int64 [T, NK]");
-  STD_TORCH_CHECK(nkeys.is_contiguous() && nkeys.numel() == T && nkeys.element_size() == 4 && tok_pos.is_contiguous() &&
+  V4K_CHECK(nkeys.is_contiguous() && nkeys.numel() == T && nkeys.element_size() == 4 && tok_pos.is_contiguous() &&
                       tok_pos.numel() == T && tok_pos.element_size() == 4,
                   "sparse_attn_fwd: nkeys / tok_pos must be contiguous int32 [T]");
-  STD_TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, "sparse_attn_fwd: cache must be 16-byte aligned");
-  STD_TORCH_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == 512 &&
+  V4K_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, "sparse_attn_fwd: cache must be 16-byte aligned");
+  V4K_CHECK(out.dim() == 3 && out.size(0) == T && out.size(1) == H && out.size(2) == 512 &&
                       out.element_size() == 2 && out.stride(2) == 1 && out.stride(1) % 2 == 0 &&
                       out.stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 == 0,
                   "sparse_attn_fwd: out must be bf16 [T, H, 512] with a contiguous last dim, 4-byte aligned rows");
-  STD_TORCH_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H && lse.element_size() == 4 && lse.stride(1) == 1,
+  V4K_CHECK(lse.dim() == 2 && lse.size(0) == T && lse.size(1) == H && lse.element_size() == 4 && lse.stride(1) == 1,
                   "sparse_attn_fwd: lse must be fp32 [T, H] with a contiguous last dim");
-  STD_TORCH_CHECK(sink.has_value() ? (sink->is_contiguous() && sink->numel() >= H && sink->element_size() == 4) : true,
+  V4K_CHECK(sink.has_value() ? (sink->is_contiguous() && sink->numel() >= H && sink->element_size() == 4) : true,
                   "sparse_attn_fwd: attn_sink must be contiguous fp32 [H]");
-  STD_TORCH_CHECK(cos.has_value() == sin.has_value(), "sparse_attn_fwd: rope_cos and rope_sin go together");
+  V4K_CHECK(cos.has_value() == sin.has_value(), "sparse_attn_fwd: rope_cos and rope_sin go together");
   if (cos.has_value()) {
-    STD_TORCH_CHECK(cos->is_contiguous() && sin->is_contiguous() && cos->dim() == 2 && cos->size(1) == 32 &&
+    V4K_CHECK(cos->is_contiguous() && sin->is_contiguous() && cos->dim() == 2 && cos->size(1) == 32 &&
                         sin->dim() == 2 && sin->size(0) == cos->size(0) && sin->size(1) == 32 &&
                         cos->element_size() == 4 && sin->element_size() == 4,
                     "sparse_attn_fwd: rope_cos / rope_sin must be contiguous fp32 [max_pos, 32]");
   }
-  STD_TORCH_CHECK(num_splits >= 1 && num_splits <= 65535, "sparse_attn_fwd: num_splits must be in [1, 65535]");
+  V4K_CHECK(num_splits >= 1 && num_splits <= 65535, "sparse_attn_fwd: num_splits must be in [1, 65535]");
   if (num_splits > 1) {
-    STD_TORCH_CHECK(po.has_value() && pl.has_value() && po->is_contiguous() && pl->is_contiguous() &&
+    V4K_CHECK(po.has_value() && pl.has_value() && po->is_contiguous() && pl->is_contiguous() &&
                         po->numel() == T * num_splits * H * 512 && pl->numel() == T * num_splits * H &&
                         po->element_size() == 4 && pl->element_size() == 4,
                     "sparse_attn_fwd: split partials must be contiguous fp32 po [T, S, H, 512] and pl [T, S, H]");

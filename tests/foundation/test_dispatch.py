@@ -87,8 +87,32 @@ def test_cuda_extension_loads_on_gpu():
 def test_cuda_extension_registers_every_launcher_op():
     """The ops the Python launchers (v4kernels/cuda/*.py) call are in the built extension's schema set."""
     for name in ("act_quant_fp8_out", "moe_mxfp4_decode_gemm", "moe_mxfp4_decode_swiglu", "mhc_pre_out",
-                 "sparse_attn_fwd"):
+                 "sparse_attn_fwd", "indexer_topk_fp4", "indexer_merge"):
         assert hasattr(torch.ops.v4kernels_C, name), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not v4kernels.cuda_extension_loaded(), reason="v4kernels._C not built")
+def test_cuda_binding_checks_raise():
+    """A failed check inside a binding raises ValueError with its message (it once crashed the process: the
+    bindings no longer format messages through iostreams)."""
+    C = torch.ops.v4kernels_C
+    x = torch.zeros(4, 100, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="last dim must be a multiple of block"):
+        C.act_quant_fp8_out(x, 128, torch.empty(4, 100, dtype=torch.uint8, device="cuda"),
+                            torch.empty(4, 1, device="cuda"))
+    q = torch.zeros(1, 64, 100, dtype=torch.bfloat16, device="cuda")
+    i32 = torch.zeros(1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="q must be bf16 \\[T, H, 512\\]"):
+        C.sparse_attn_fwd(q, i32, torch.zeros(16, dtype=torch.uint8, device="cuda"),
+                          torch.zeros(1, 1, dtype=torch.int64, device="cuda"),
+                          torch.zeros(1, 1, dtype=torch.int64, device="cuda"), i32, None, None, None,
+                          torch.zeros(1, 64, 512, dtype=torch.bfloat16, device="cuda"),
+                          torch.zeros(1, 64, device="cuda"), None, None, 1)
+    lists = torch.zeros(1, 1, 16, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="topk must be in"):
+        C.indexer_merge(lists, None, 64, 64, 0, i32, i32, 1, None, 1, torch.zeros(1, 16, dtype=torch.int32,
+                        device="cuda"), i32.clone(), torch.zeros(1, 0, dtype=torch.int32, device="cuda"))
 
 
 def test_auto_takes_cuda_only_where_preferred(monkeypatch):
