@@ -10,6 +10,8 @@
 - ``test_device()``, ``triton_backends()``: where and what the backend tests run on; the CPU
   runs Triton kernels under ``TRITON_INTERPRET=1`` (set by tests/conftest.py before import).
 - ``run_opcheck(op, args, kwargs)``: ``torch.library.opcheck`` with the checks that apply.
+- ``sm90a_ptxas_spills(src)``: compile a CUDA source for sm_90a with nvcc (CPU only), fail on ptxas wgmma
+  serialisation / injected waits, return the spill bytes of each kernel.
 """
 from __future__ import annotations
 
@@ -184,3 +186,27 @@ if st is not None:
         else:
             n = draw(st.integers(min_len, max_len))
         return max(min_len, min(max_len, n))
+
+
+WGMMA_PTXAS_WARNINGS = ("C7515", "C7517", "C7519")  # wgmma serialised / warpgroup waits or arrives injected
+
+
+def sm90a_ptxas_spills(src: str, out_dir: str) -> list:
+    """Compile ``src`` (a .cu under csrc/) for sm_90a with ``nvcc -Xptxas -v`` into ``out_dir`` and return the
+    spill-store bytes ptxas reports for each kernel. Fails (AssertionError) on a compile error or on a ptxas
+    warning that it serialised wgmma instructions or injected warpgroup waits / arrives around registers an
+    in-flight wgmma uses (each of those cost our kernels measurably). Needs nvcc, no GPU."""
+    import re
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    out = subprocess.run(
+        ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a", "-I",
+         os.path.join(root, "csrc"), "-Xptxas", "-v", "-c", src, "-o", os.path.join(out_dir, "kernel.o")],
+        capture_output=True, text=True, timeout=600,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    for code in WGMMA_PTXAS_WARNINGS:
+        assert code not in log, f"ptxas {code}: " + next(line for line in log.splitlines() if code in line)
+    return [int(m) for m in re.findall(r"(\d+) bytes spill stores", log)]

@@ -2,13 +2,11 @@
 
 The shared tests of test_indexer_topk.py run it too (parametrized over the backends); here: what only the CUDA
 launcher has (its chunk plan, many small chunks vs the reference over random shapes, poisoned outputs, the
-inputs it declines, masked bad indices, NaN keys) and, on the CPU, that the kernel compiles without ptxas
+inputs it declines, NaN keys; masked bad indices are test_indexer_topk.py's) and, on the CPU, that the kernel compiles without ptxas
 serialising its wgmma pipeline.
 """
 import os
-import re
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 import v4kernels.ops.indexer as ops
 from v4kernels.reference import indexer as ref
-from v4kernels.testing import kernel_backends, make_generator
+from v4kernels.testing import kernel_backends, make_generator, sm90a_ptxas_spills
 
 from _idx_cases import make_case
 
@@ -71,20 +69,10 @@ def test_plan_v4_shapes():
 # ----------------------------------------------------------------------------- compile (CPU, nvcc)
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_ptxas_keeps_the_wgmma_pipeline(tmp_path):
-    """ptxas reports C7515 when it serialises wgmma, C7517 / C7519 when it injects waits around registers an
-    in-flight wgmma reads (the next tile's fragments are converted while one runs); no spills in any kernel."""
-    src = os.path.join(ROOT, "csrc", "indexer", "indexer_topk_fp4.cu")
-    out = subprocess.run(
-        ["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-I", os.path.join(ROOT, "csrc"),
-         "-Xptxas", "-v", "-c", src, "-o", str(tmp_path / "idx.o")],
-        capture_output=True, text=True, timeout=600,
-    )
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-3000:]
-    for code in ("C7515", "C7517", "C7519"):
-        assert code not in log, f"ptxas {code}: " + next(l for l in log.splitlines() if code in l)
-    spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", log)]
-    assert len(spills) == 5 and max(spills) == 0, log[-2000:]  # scoring (16 / 32 / 64 / 128 heads) + merge
+    """No wgmma serialisation or injected waits (the next tile's fragments are converted while one runs); no
+    spills in any kernel."""
+    spills = sm90a_ptxas_spills(os.path.join(ROOT, "csrc", "indexer", "indexer_topk_fp4.cu"), str(tmp_path))
+    assert len(spills) == 5 and max(spills) == 0, spills  # scoring (16 / 32 / 64 / 128 heads) + merge
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -149,30 +137,6 @@ def test_cuda_all_scores_tie_across_chunks(chunk, topk):
     got = _cuda_topk(case, topk, chunk)
     assert got[0][0].tolist() == list(range(topk)) and got[0][1].tolist() == list(range(topk))
     _assert_same(got, ref.indexer_topk(*case.to("cpu").args(topk)))
-
-
-@pytest.mark.cuda
-@needs_cuda_kernel
-def test_cuda_masks_bad_indices():
-    """Values the op does not check on CUDA tensors: bad page ids, sequence ids and positions mean invisible."""
-    case = make_case(make_generator("bad"), [300, 300], [1, 1], page_size=8, heads=16)
-    n_pages = case.cache.shape[0]
-    bt = case.block_table.clone()
-    bt[0, 1] = n_pages + 5
-    bt[1, 0] = 2**31 - 1
-    case.block_table = bt
-    case.seq_ids = torch.tensor([0, 1, 7, -3], dtype=torch.int32)
-    case.positions = torch.tensor([2000, 1199, 50, 50])
-    case.q = torch.cat([case.q, case.q])
-    case.weights = torch.cat([case.weights, case.weights])
-    ref_bt = bt.clone()
-    ref_bt[0, 1] = -1
-    ref_bt[1, 0] = -1
-    good = torch.tensor([0, 1, 0, 0], dtype=torch.int32)
-    want = ref.indexer_topk(case.q, case.weights, case.cache, ref_bt, good, case.positions, 64, 8, case.n_entries)
-    got = _cuda_topk(case.to("cuda"), 64, chunk=64)
-    assert torch.equal(got[0][:2].cpu(), want[0][:2]) and torch.equal(got[1][:2].cpu(), want[1][:2])
-    assert bool((got[0][2:] == -1).all()) and bool((got[1][2:] == 0).all())
 
 
 @pytest.mark.cuda

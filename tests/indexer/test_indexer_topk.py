@@ -4,6 +4,8 @@ Exact cases (E2M1 queries/keys, weights k/8): every backend computes the same fp
 selected sets, their order (ties -> lower index) and the lengths must be identical. Random cases
 (real FP4 quantization): logits within tolerance, selected sets overlap.
 """
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -278,14 +280,21 @@ def test_kernel_masks_bad_indices(backend, gen):
     want = ref.indexer_topk(case.q, case.weights, case.cache, ref_bt, good, pos, 8, 8, case.n_entries)
     dev = _dev()
     c = case.to(dev)
-    got = tri.indexer_topk(*c.args(8))
-    lg = tri.indexer_logits(*c.args()).cpu()
+    if backend == "cuda":  # the launcher itself (the op would check nothing more on CUDA tensors either)
+        from v4kernels.cuda import indexer as cu
+
+        topk_fn = functools.partial(cu.indexer_topk, chunk=64)
+    else:
+        topk_fn = tri.indexer_topk
+    got = topk_fn(*c.args(8))
     assert torch.equal(got[0][:2].cpu(), want[0][:2]) and torch.equal(got[1][:2].cpu(), want[1][:2])
     assert bool((got[0][2:].cpu() == -1).all()) and bool((got[1][2:].cpu() == 0).all())
-    assert bool(torch.isinf(lg[0, 8:16]).all()) and bool(torch.isinf(lg[2:]).all())
+    if backend == "triton":
+        lg = tri.indexer_logits(*c.args()).cpu()
+        assert bool(torch.isinf(lg[0, 8:16]).all()) and bool(torch.isinf(lg[2:]).all())
     pos_neg = torch.tensor([-5, -1, 0, 2], device=dev)
-    got = tri.indexer_topk(c.q, c.weights, c.cache, c.block_table, torch.zeros(4, dtype=torch.int32, device=dev),
-                           pos_neg, 8, 8, c.n_entries)
+    got = topk_fn(c.q, c.weights, c.cache, c.block_table, torch.zeros(4, dtype=torch.int32, device=dev), pos_neg, 8, 8,
+                  c.n_entries)
     assert bool((got[0].cpu() == -1).all()) and bool((got[1].cpu() == 0).all())
 
 
