@@ -119,17 +119,6 @@ __device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
   return v;
 }
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// wgmma shared-memory matrix descriptor, 128-byte swizzle. K-major operands: 8-row groups 1024 B apart
-// (SBO), LBO unused. N-major B: LBO = bytes between 64-element groups along N, SBO = between 8-row groups
-// along K.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
-         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
-}
 // byte offset of 16-byte column `col` of row `row` inside a 128-byte-swizzled block of 128-byte rows
 __device__ __forceinline__ uint32_t sw128_off(int row, int col) {
   return static_cast<uint32_t>(row * 128 + ((col ^ (row & 7)) << 4));

@@ -1,4 +1,5 @@
-// PTX helpers shared by the sm_90a kernels: shared-memory addresses, mbarriers, 1-D bulk copies.
+// PTX helpers shared by the sm_90a kernels: shared-memory addresses, mbarriers, 1-D bulk copies, wgmma
+// fences and 128-byte-swizzle descriptors.
 //
 // Barriers and shared-memory operands are 32-bit shared-window addresses (`smem_u32`); the overloads that take a
 // `uint64_t*` barrier convert it. mbar_wait spins on try_wait (which itself suspends for a while).
@@ -50,5 +51,18 @@ __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t b
 
 // generic-proxy shared-memory writes -> visible to the async proxy (wgmma, bulk copies)
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// wgmma: order register / shared-memory writes before the next wgmma; close a group; wait for every group
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// wgmma shared-memory matrix descriptor, 128-byte swizzle. K-major operands: 8-row groups 1024 B apart
+// (SBO), LBO unused. N-major B: LBO = bytes between 64-element groups along N, SBO = between 8-row groups
+// along K.
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
 
 }  // namespace v4k

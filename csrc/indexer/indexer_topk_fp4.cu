@@ -37,6 +37,7 @@
 #include <string>
 
 #include "common/sm90.h"
+#include "common/stream.h"
 
 namespace v4k {
 namespace {
@@ -85,15 +86,6 @@ __host__ __device__ inline Layout make_layout(int H, int chunk, int npt) {
 }
 
 // ---------------------------------------------------------------------------------------------- PTX helpers
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-
-// K-major operand, 128-byte swizzle: rows of 128 bytes, 8-row groups 1024 B apart
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
-
 // D[64 x N] (+)= A[64 x 32] B[N x 32]^T, e4m3, A in registers, B K-major in shared memory
 template <int N>
 struct Wgmma;
@@ -335,7 +327,7 @@ __device__ __forceinline__ void consumer(uint8_t* sm, const Layout& L, int ntile
     wc[2 * n + 1] = weff[8 * n + 2 * (lane & 3) + 1];
   }
   uint32_t* scores = reinterpret_cast<uint32_t*>(sm + L.scores);
-  const uint64_t qdesc = sw128_desc(smem_u32(sm + L.q));
+  const uint64_t qdesc = sw128_desc(smem_u32(sm + L.q), 0, 1024);  // K-major: rows of 128 bytes
   float acc[H / 2];
 #pragma unroll
   for (int i = 0; i < H / 2; ++i) acc[i] = 0.0f;
@@ -839,11 +831,6 @@ __global__ void __launch_bounds__(kThreads, H <= 64 ? 3 : 2) indexer_topk_fp4_ke
       p.ws[static_cast<int64_t>(tok) * p.n_entries + c_lo + i] = static_cast<int>(((c_lo + i < c_hi) ? keys[i] : 0u) ^ 0x80000000u);
   }
   select_topk(sm, L, ntiles * kBN, c_lo, p.M, p.lists + (static_cast<int64_t>(tok) * p.splits + split) * p.M);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 template <int H>
