@@ -21,10 +21,10 @@ void moe_mxfp4_decode_launch(const void* a, const void* a_scale, const void* w0,
                              const void* w1, const void* ws1, const int* offsets, const int* row_ids,
                              const float* row_weights, void* out, int64_t E, int64_t N, int64_t K, int64_t M,
                              int64_t Ma, int64_t mode, double limit, cudaStream_t stream);
-int64_t mhc_pre_slice(int64_t K);
 void mhc_pre_launch(const void* x, const void* fn, const void* base, const void* scale, void* part, void* cnt,
-                    void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, double norm_eps, double hc_eps,
-                    int64_t iters, int device, cudaStream_t stream);
+                    void* y, void* post, void* comb, void* pre, int64_t T, int64_t d, int64_t ch, int64_t stages,
+                    void* trace, double norm_eps, double hc_eps, int64_t iters, int device,
+                    cudaStream_t stream);
 void sparse_attn_fwd_launch(const void* q, int64_t stride_qt, int64_t stride_qh, const int* tok_pos, const void* cache,
                             const int64_t* rows, const int64_t* scw, const int* nkeys, int64_t NK, const float* sink,
                             const float* cos, const float* sin, int64_t max_pos, void* out, int64_t stride_ot,
@@ -161,32 +161,44 @@ void moe_mxfp4_decode_swiglu(Tensor a, std::optional<Tensor> a_scale, Tensor w1,
 }
 
 // ---- mHC hc_pre, one pass over the streams (csrc/mhc/mhc_pre.cu) ----
-// x bf16 [T, 4, d] (d % 16 == 0, 16-byte aligned), fn fp32 [24, 4d], base [24], scale [3]; workspace:
-// part fp32 [>= ceil(T/64) * S * 64 * 32] (S = ceil(4d / slice)), cnt int32 [ceil(T/64) + 1] zeroed.
+// x bf16 [T, 4, d] (d % 16 == 0, 16-byte aligned), fn fp32 [24, 4d], base [24], scale [3]; the plan (channel
+// slice `ch`, ring `stages`) comes from v4kernels/cuda/mhc.py; workspace: part fp32
+// [>= stages * 64 * ceil(d / ch) * 32], cnt int32 [ceil(T / 64) rounded up to 4 + 8 T] zeroed (tile counters, then
+// the per-token pre (value, flag) pairs); trace: optional int64
+// [ceil(T / 64), 9 + 2 ceil(d / ch)] timeline (profiling).
 void mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, double norm_eps, double hc_eps, int64_t iters,
-                 Tensor part, Tensor cnt, Tensor y, Tensor post, Tensor comb, Tensor pre) {
+                 int64_t ch, int64_t stages, Tensor part, Tensor cnt, Tensor y, Tensor post, Tensor comb,
+                 Tensor pre, std::optional<Tensor> trace) {
   for (const Tensor* t : {&x, &fn, &base, &scale, &part, &cnt, &y, &post, &comb, &pre}) {
     V4K_CHECK(t->is_cuda() && t->is_contiguous(), "mhc_pre_out: contiguous CUDA tensors expected");
   }
   V4K_CHECK(x.dim() == 3 && x.size(1) == 4 && x.element_size() == 2, "mhc_pre_out: x must be bf16 [T, 4, d]");
   const int64_t T = x.size(0), d = x.size(2), K = 4 * d;
   V4K_CHECK(d > 0 && d % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
-                  "mhc_pre_out: d must be a positive multiple of 16 and x 16-byte aligned");
+            "mhc_pre_out: d must be a positive multiple of 16 and x 16-byte aligned");
   V4K_CHECK(fn.dim() == 2 && fn.size(0) == 24 && fn.size(1) == K && fn.element_size() == 4,
-                  "mhc_pre_out: fn must be fp32 [24, 4d]");
+            "mhc_pre_out: fn must be fp32 [24, 4d]");
   V4K_CHECK(base.numel() == 24 && scale.numel() == 3 && base.element_size() == 4 && scale.element_size() == 4,
-                  "mhc_pre_out: base fp32 [24] and scale fp32 [3] expected");
-  const int64_t ks = v4k::mhc_pre_slice(K), S = (K + ks - 1) / ks, nb = (T + 63) / 64;
-  V4K_CHECK(part.numel() >= nb * S * 64 * 32 && part.element_size() == 4, "mhc_pre_out: part too small");
-  V4K_CHECK(cnt.numel() >= nb + 1 && cnt.element_size() == 4, "mhc_pre_out: cnt must be int32 [ceil(T/64) + 1]");
+            "mhc_pre_out: base fp32 [24] and scale fp32 [3] expected");
+  V4K_CHECK(ch > 0 && ch % 8 == 0 && stages >= 2 && stages <= 16,
+            "mhc_pre_out: ch must be a positive multiple of 8 and stages in [2, 16], got ch=",
+            std::to_string(ch).c_str(), " stages=", std::to_string(stages).c_str());
+  const int64_t nc = (d + ch - 1) / ch, nt = (T + 63) / 64;
+  V4K_CHECK(part.numel() >= stages * 64 * nc * 32 && part.element_size() == 4, "mhc_pre_out: part too small");
+  V4K_CHECK(cnt.numel() >= (nt + 3) / 4 * 4 + 8 * T && cnt.element_size() == 4,
+            "mhc_pre_out: cnt must be int32 [ceil(T / 64) rounded up to a multiple of 4, + 8 T]");
   V4K_CHECK(y.numel() == T * d && y.element_size() == 2 && post.numel() == T * 4 && comb.numel() == T * 16 &&
-                      pre.numel() == T * 4,
-                  "mhc_pre_out: outputs must be y bf16 [T, d], post / pre fp32 [T, 4], comb fp32 [T, 4, 4]");
+                pre.numel() == T * 4,
+            "mhc_pre_out: outputs must be y bf16 [T, d], post / pre fp32 [T, 4], comb fp32 [T, 4, 4]");
+  V4K_CHECK(!trace.has_value() || (trace->is_cuda() && trace->is_contiguous() && trace->element_size() == 8 &&
+                                   trace->numel() >= nt * (9 + 2 * nc)),
+            "mhc_pre_out: trace must be int64 [ceil(T / 64), 9 + 2 ceil(d / ch)] on the GPU");
   const int device = x.get_device_index();
   v4k::DeviceGuard guard(device);
   v4k::mhc_pre_launch(x.data_ptr(), fn.data_ptr(), base.data_ptr(), scale.data_ptr(), part.data_ptr(), cnt.data_ptr(),
-                      y.data_ptr(), post.data_ptr(), comb.data_ptr(), pre.data_ptr(), T, d, norm_eps, hc_eps, iters,
-                      device, v4k::current_stream(device));
+                      y.data_ptr(), post.data_ptr(), comb.data_ptr(), pre.data_ptr(), T, d, ch, stages,
+                      trace.has_value() ? trace->data_ptr() : nullptr, norm_eps,
+                      hc_eps, iters, device, v4k::current_stream(device));
 }
 
 // ---- attention loop over the FP8 paged caches (csrc/attention/sparse_attn_fwd.cu) ----
@@ -336,7 +348,9 @@ STABLE_TORCH_LIBRARY(v4kernels_C, m) {
         "Tensor w3_scale, Tensor expert_offsets, Tensor? row_ids, Tensor? row_weights, int mode, "
         "float swiglu_limit, Tensor(a!) out) -> ()");
   m.def("mhc_pre_out(Tensor x, Tensor fn, Tensor base, Tensor scale, float norm_eps, float hc_eps, int iters, "
-        "Tensor(a!) part, Tensor(b!) cnt, Tensor(c!) y, Tensor(d!) post, Tensor(e!) comb, Tensor(f!) pre) -> ()");
+        "int ch, int stages, "
+        "Tensor(a!) part, Tensor(b!) cnt, Tensor(c!) y, Tensor(d!) post, Tensor(e!) comb, Tensor(f!) pre, "
+        "Tensor(g!)? trace) -> ()");
   m.def("sparse_attn_fwd(Tensor q, Tensor tok_pos, Tensor cache, Tensor rows, Tensor scw, Tensor nkeys, "
         "Tensor? sink, Tensor? cos, Tensor? sin, Tensor(a!) out, Tensor(b!) lse, Tensor(c!)? po, Tensor(d!)? pl, "
         "int num_splits) -> ()");

@@ -32,6 +32,58 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # us
 
 
+TRACE_EVENTS = ("loads issued", "MMA start", "partials stored", "released", "reducer sees cnt1", "pre published",
+                "Sinkhorn done", "y has pre", "y done")
+
+
+def _trace(args, dev) -> int:
+    """CUDA kernel timeline: per tile, globaltimer stamps of CTA 0's steps and of the first token's reducer."""
+    from v4kernels.cuda import mhc as cu
+    from v4kernels.testing import kernel_backends
+
+    if "cuda" not in kernel_backends("mhc_pre"):
+        print("v4kernels._C not available")
+        return 1
+    for d in (int(v) for v in args.widths.split(",")):
+        for T in (int(v) for v in args.tokens.split(",")):
+            x = torch.randn(T, 4, d, device=dev).to(torch.bfloat16)
+            fn = torch.randn(24, 4 * d, device=dev) * (2 / math.sqrt(4 * d))
+            base, scale = torch.randn(24, device=dev), torch.randn(3, device=dev)
+            nt = -(-T // cu.TILE)
+            ch, nc, _ = cu.plan(d, torch.cuda.get_device_properties(dev).multi_processor_count)
+            tr = torch.zeros((nt, len(TRACE_EVENTS) + 2 * nc), dtype=torch.int64, device=dev)
+            for _ in range(3):  # warm, then keep the last call's stamps
+                cu.mhc_pre(x, fn, base, scale, trace=tr)
+            torch.cuda.synchronize()
+            t = tr.cpu().double()
+            per_cta = t[:, len(TRACE_EVENTS):].view(nt, nc, 2)
+            t = t[:, :len(TRACE_EVENTS)]
+            t0 = t[0, 0].item()
+            steady = t[nt // 4: max(nt // 4 + 1, 3 * nt // 4)]
+            rel = (steady - steady[:, :1]) / 1e3
+            period = (t[1:, 0] - t[:-1, 0]).median().item() / 1e3 if nt > 1 else float("nan")
+            print(f"d={d} T={T}: {nt} tiles, kernel span {(t.max().item() - t0) / 1e3:.1f} us, "
+                  f"loads issued every {period:.2f} us (median)")
+            print(f"  tile 0 (us from its loads): " + ", ".join(
+                f"{n} {(t[0, i].item() - t0) / 1e3:.1f}" for i, n in enumerate(TRACE_EVENTS)))
+            print(f"  steady tiles, median us after the tile's loads: " + ", ".join(
+                f"{n} {rel[:, i].median().item():.1f}" for i, n in enumerate(TRACE_EVENTS)))
+            if nt >= 8:  # how far apart the CTAs run: per tile, loads issued and released, across CTAs
+                mid = per_cta[nt // 4: 3 * nt // 4]
+                for k, name in ((0, "loads issued"), (1, "released")):
+                    v = mid[:, :, k]
+                    med = v.median(dim=1).values.unsqueeze(1)
+                    late = (v - med) / 1e3  # us after the tile's median CTA
+                    print(f"  {name} across CTAs, per tile (median over tiles): max - median "
+                          f"{late.max(dim=1).values.median().item():.1f} us, median - min "
+                          f"{(-late).max(dim=1).values.median().item():.1f} us; slowest CTAs on average: "
+                          + ", ".join(str(int(c)) for c in late.mean(dim=0).argsort(descending=True)[:6]))
+                rel_issue = (per_cta[nt // 4: 3 * nt // 4, :, 1] - per_cta[nt // 4: 3 * nt // 4, :, 0]) / 1e3
+                print(f"  loads issued -> released, per CTA: median {rel_issue.median().item():.1f} us, "
+                      f"p90 {rel_issue.quantile(0.9).item():.1f}, max {rel_issue.max().item():.1f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="1024,8192,65536")
@@ -39,6 +91,10 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--once", action="store_true",
                     help="for a profiler: one call (ncu -k regex:_mhc_stream for triton, regex:mhc_pre_kernel for cuda)")
+    ap.add_argument("--shipped-only", action="store_true",
+                    help="time only the shipped Triton kernel and the CUDA kernel's variants")
+    ap.add_argument("--trace", action="store_true",
+                    help="the CUDA kernel's per-tile timeline (median step times over the tiles) instead of timings")
     ap.add_argument("--backend", default="triton", choices=("triton", "cuda"), help="the kernel --once runs")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -54,6 +110,8 @@ def main() -> int:
             tri.mhc_pre(x, fn, base, scale, stream=True)
         torch.cuda.synchronize()
         return 0
+    if args.trace:
+        return _trace(args, dev)
     lines = []
 
     def say(s=""):
@@ -100,6 +158,8 @@ def main() -> int:
                 ("stream, 2-token consumer tiles, BDB=2048", None, 2, 2048),
                 ("stream, 8-token consumer tiles, BDB=512", None, 8, 512),
             ]
+            if args.shipped_only:
+                variants = variants[:1]
             for name, ks, btb, bdb in variants:
                 def cfg(T_, D_, dev_, ks_=None, btb=btb, bdb=bdb):
                     c = list(orig_cfg(T_, D_, dev_, ks_))
@@ -109,12 +169,17 @@ def main() -> int:
                 tri._stream_config = cfg
                 row(name, lambda ks=ks: tri.mhc_pre(x, fn, base, scale, stream=True, ks=ks))
                 tri._stream_config = orig_cfg
-            row("split-K path", lambda: tri.mhc_pre(x, fn, base, scale, stream=False))
+            if not args.shipped_only:
+                row("split-K path", lambda: tri.mhc_pre(x, fn, base, scale, stream=False))
             try:
                 from v4kernels.cuda import mhc as cu
                 from v4kernels.testing import kernel_backends
                 if "cuda" in kernel_backends("mhc_pre"):
-                    row("CUDA kernel (csrc/mhc/mhc_pre.cu)", lambda: cu.mhc_pre(x, fn, base, scale))
+                    ch, nc, r = cu.plan(d, torch.cuda.get_device_properties(dev).multi_processor_count)
+                    row(f"CUDA kernel (csrc/mhc/mhc_pre.cu), {nc} CTAs x {ch} ch, {r} stages",
+                        lambda: cu.mhc_pre(x, fn, base, scale))
+                    for rs in sorted({2, 4, min(r, 8)} - {r}):
+                        row(f"CUDA kernel, {rs} stages", lambda rs=rs: cu.mhc_pre(x, fn, base, scale, stages=rs))
             except ImportError:
                 pass
             xf = x.view(-1)

@@ -5,6 +5,8 @@ Bitwise: mhc_post, and y of mhc_pre/mhc_head given the kernel's own pre weights 
 the module docstring of v4kernels.ops.mhc.
 """
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -13,8 +15,9 @@ from hypothesis import given, strategies as st
 from v4kernels.ops import mhc as ops
 from v4kernels.reference import mhc as ref
 from v4kernels.testing import (assert_bitwise_equal as _assert_bitwise_equal, assert_close, assert_all_written, calc_diff,
-                               kernel_backends, make_generator, run_opcheck)
+                               kernel_backends, make_generator, run_opcheck, sm90a_ptxas_spills)
 
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 BACKENDS = kernel_backends("mhc_pre")
 POST_BACKENDS = kernel_backends("mhc_post")
 HEAD_BACKENDS = kernel_backends("mhc_head")
@@ -486,13 +489,35 @@ def test_cuda_graph_and_compile(T):
             assert_bitwise_equal(a, b)
 
 
+def test_cuda_pre_plan():
+    """The CUDA kernel's plan (CPU): channel slices a multiple of 8 covering d with at most min(SMs, 128) CTAs,
+    the last slice non-empty, and a ring of >= 2 tiles that fits the shared memory the launcher allows."""
+    from v4kernels.cuda import mhc as cu
+
+    for sms in (132, 114, 78):
+        for d in (16, 48, 64, 1536, 4096, 7168, 8192):
+            ch, nc, stages = cu.plan(d, sms)
+            assert ch % 8 == 0 and nc <= min(sms, cu.MAX_SLICES) and (nc - 1) * ch < d <= nc * ch, (d, sms)
+            row = (4 * ch + 8) * 2
+            assert 2 <= stages <= cu.MAX_STAGES and 3 * 24 * row + stages * cu.TILE * row <= cu.SMEM_BUDGET
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_pre_compiles_without_spills(tmp_path):
+    """csrc/mhc/mhc_pre.cu for sm_90a (CPU): no register spills (15 warps at 128 registers)."""
+    spills = sm90a_ptxas_spills(os.path.join(ROOT, "csrc", "mhc", "mhc_pre.cu"), str(tmp_path))
+    assert spills == [0], spills
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("T,d", [(1000, 4096), (700, 7168), (130, 64), (5, 48), (64, 16), (300, 1536)])
 def test_cuda_pre_kernel(T, d):
     """The CUDA hc_pre kernel: every output written (NaN-poisoned buffers), y bitwise given its own pre,
-    the weights within the tolerance of their width, the same bytes on a repeated call and for a prefix
-    of the batch alone (K slices fixed by d), T not a multiple of the 64-token tile, K tails (d = 16, 48:
-    K below one slice; d = 1536: K = 6144, slices of 1024 with none partial)."""
+    the weights within the tolerance of their width, the same bytes on a repeated call, for a prefix of
+    the batch alone (channel slices fixed by d) and with other ring depths (2, 3 tiles: more waits on
+    stage reuse), T not a multiple of the 64-token tile, d = 48 (slices of 8 channels, 6 CTAs), d = 1536
+    (16 channels per slice: no k8 tail), the V4 widths (32 / 56 channels: a k8 tail at 56). The timeline
+    trace fills every event of every tile."""
     if "cuda" not in BACKENDS:
         pytest.skip("v4kernels._C (sm_90a) not available")
     from v4kernels.cuda import mhc as cu
@@ -519,3 +544,12 @@ def test_cuda_pre_kernel(T, d):
     part = cu.mhc_pre(args[0][:k].contiguous(), *args[1:])
     for a, b, n in zip(part, (y[:k], post[:k], comb[:k]), ("y", "post", "comb")):
         assert_bitwise_equal(a, b, n)
+    for stages in (2, 3):
+        for a, b, n in zip(cu.mhc_pre(*args, stages=stages), (y, post, comb), ("y", "post", "comb")):
+            assert_bitwise_equal(a, b, f"{n} ({stages} stages)")
+    ch, nc, _ = cu.plan(d, torch.cuda.get_device_properties(0).multi_processor_count)
+    nt = -(-T // cu.TILE)
+    trace = torch.zeros((nt, 9 + 2 * nc), dtype=torch.int64, device="cuda")
+    cu.mhc_pre(*args, trace=trace)
+    assert bool((trace > 0).all())
+    assert bool((trace[:, 1] >= trace[:, 0]).all()) and bool((trace[:, 2] >= trace[:, 1]).all())

@@ -1,53 +1,73 @@
 """Launcher of the one-pass hc_pre kernel (csrc/mhc/mhc_pre.cu).
 
-Same signature as ``v4kernels.ops.mhc.mhc_pre``'s implementations (inputs checked there). Allocates
-the outputs and the kernel's workspace (per 64-token block and K slice, 64 x 32 fp32 partials; one
-counter per block plus the token queue, zeroed) and calls ``torch.ops.v4kernels_C.mhc_pre_out``. No
-host synchronisation, CUDA-graph capturable.
+Same signature as ``v4kernels.ops.mhc.mhc_pre``'s implementations (inputs checked there). Plans the
+kernel (``plan``: channel slice per CTA and ring depth), allocates the outputs and the workspace (a ring of
+per-CTA partial sums, two counters per 64-token tile, zeroed) and calls
+``torch.ops.v4kernels_C.mhc_pre_out``. No host synchronisation, CUDA-graph capturable.
 
-Numerics: as the Triton streaming kernel (three exact bf16 parts of fn on the tensor cores, each
-128-k block's MMA sum added in IEEE fp32, K slices of 1024 (V4 widths) summed in slice order); y is
-``bf16(((p0 X0 + p1 X1) + p2 X2) + p3 X3)`` with one rounding per operation, bitwise equal to the
+Numerics: fn is split into three exact bf16 parts on the tensor cores, so every product is exact; each
+CTA's per-stream partial sums (CH channels) are added in IEEE fp32, then the NC CTA partials in CTA order.
+y is ``bf16(((p0 X0 + p1 X1) + p2 X2) + p3 X3)`` with one rounding per operation, bitwise equal to the
 reference given the same pre; the weights agree with the reference within the tolerance stated in
-``ops/mhc.py``. The slices depend on d only, so a token's outputs do not depend on T or on its batch.
+``ops/mhc.py``. The plan depends on (d, SM count) only, so a token's outputs do not depend on T or on its
+batch, and repeated calls give the same bytes.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 HC = 4
-BT = 64  # tokens per producer tile (csrc/mhc/mhc_pre.cu kBT)
+TILE = 64  # tokens per tile (csrc/mhc/mhc_pre.cu kTile)
 PART_STRIDE = 32
+MAX_SLICES = 128  # channel slices (CTAs); fewer on GPUs with fewer SMs
+MAX_STAGES = 12
+MIN_STAGES = 2
+SMEM_BUDGET = 227 * 1024 - 2 * 1024  # dynamic shared memory per CTA: the sm_90 opt-in maximum less barriers and pre
 
 
-def slice_len(k: int) -> int:
-    """K slice of one producer CTA (csrc/mhc/mhc_pre.cu mhc_pre_slice; the two must agree)."""
-    return 1024 if k % 1024 == 0 or k > 4096 else (512 if k > 256 else 256)
+@functools.lru_cache(maxsize=None)
+def plan(d: int, sms: int) -> tuple[int, int, int]:
+    """(ch, nc, stages): channels per CTA (a multiple of 8), CTAs = ceil(d / ch) <= min(sms, 128), and the depth
+    of the shared-memory ring of 64-token tiles (rows of 4 ch + 8 bf16; the fn slice takes 3 x 24 such rows)."""
+    n = min(sms, MAX_SLICES)
+    ch = -(-d // n)
+    ch = -(-ch // 8) * 8
+    nc = -(-d // ch)
+    row = (4 * ch + 8) * 2
+    stages = min(MAX_STAGES, (SMEM_BUDGET - 3 * 24 * row) // (TILE * row))
+    return ch, nc, stages
+
+
+def _sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def pre_supported(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20) -> bool:
-    """bf16 streams whose K slices fit the GPU (one producer CTA per slice at least)."""
+    """bf16 streams on a GPU where the plan fits (at least 2 ring stages)."""
     if x.dtype != torch.bfloat16 or x.device.type != "cuda":
         return False
-    k = HC * x.shape[2]
-    s = -(-k // slice_len(k))
-    return s <= torch.cuda.get_device_properties(x.device).multi_processor_count
+    return plan(int(x.shape[2]), _sms(x.device))[2] >= MIN_STAGES
 
 
 PREFERRED_MIN_T = 512
 
 
 def pre_preferred(x, *args, **kwargs) -> bool:
-    """Where backend "auto" takes this kernel: T >= 512 (H100: 9-22% faster than the Triton streaming
-    kernel at T = 1024 .. 65536, both widths; below 512 tokens the Triton split-K path is meant for
-    decode sizes)."""
+    """Where backend "auto" takes this kernel: T >= 512 (below, the Triton split-K path is meant for decode
+    sizes)."""
     return x.shape[0] >= PREFERRED_MIN_T
 
 
-def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *, return_pre=False, out=None):
+def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *, return_pre=False, out=None,
+            stages=None, trace=None):
     """CUDA hc_pre: (y bf16 [T, d], post fp32 [T, 4], comb fp32 [T, 4, 4]) (+ pre [T, 4] for tests).
 
-    ``out``: (y, post, comb, pre) buffers to write (tests pass NaN-poisoned ones)."""
+    ``out``: (y, post, comb, pre) buffers to write (tests pass NaN-poisoned ones). ``stages`` (ring depth,
+    2..16) and ``prefetch`` (L2 prefetch distance in tiles, 0 = off): overrides for profiling; they do not
+    change the results. ``trace``: int64 [ceil(T / 64), 9 + 2 NC] that receives the kernel's timeline
+    (profiling; events in csrc/mhc/mhc_pre.cu)."""
     T, _, d = x.shape
     dev = x.device
     x = x.contiguous()
@@ -60,12 +80,13 @@ def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *
                torch.empty((T, HC), dtype=torch.float32, device=dev))
     y, post, comb, pre = out
     if T > 0:
-        k = HC * d
-        n_blocks = -(-T // BT)
-        s = -(-k // slice_len(k))
-        part = torch.empty((n_blocks * s * BT, PART_STRIDE), dtype=torch.float32, device=dev)
-        cnt = torch.zeros((n_blocks + 1,), dtype=torch.int32, device=dev)
+        ch, nc, r = plan(int(d), _sms(dev))
+        r = int(stages or r)
+        part = torch.empty((r * TILE * nc, PART_STRIDE), dtype=torch.float32, device=dev)
+        nt = -(-T // TILE)
+        # zeroed: one counter per tile (rounded up to 16 bytes), then 4 (pre, flag) 8-byte pairs per token
+        cnt = torch.zeros((-(-nt // 4) * 4 + 8 * T,), dtype=torch.int32, device=dev)
         torch.ops.v4kernels_C.mhc_pre_out(x, fn.contiguous(), base.contiguous(), scale.contiguous(),
-                                          float(norm_eps), float(hc_eps), int(sinkhorn_iters),
-                                          part, cnt, y, post, comb, pre)
+                                          float(norm_eps), float(hc_eps), int(sinkhorn_iters), ch, r,
+                                          part, cnt, y, post, comb, pre, trace)
     return (y, post, comb, pre) if return_pre else (y, post, comb)

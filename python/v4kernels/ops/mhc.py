@@ -14,7 +14,9 @@ Bitwise equal:
     same argument. The tests check it against ``reference.weighted_sum(x, pre_kernel)``.
 The CUDA kernel of ``mhc_pre`` (csrc/mhc/mhc_pre.cu; bf16 streams, backend "auto" takes it for
 T >= 512) has the same properties: y bitwise given its pre, weights within the tolerance below,
-slices fixed by d (a token's outputs do not depend on T), repeated calls bitwise equal.
+repeated calls bitwise equal, and a token's outputs independent of T (its sums are cut by channel
+slices fixed by d and the GPU's SM count: per CTA and stream pair a tensor-core sum, then the CTAs'
+partials added in CTA order).
 Within a tolerance (not bitwise):
   * ``pre`` (hence ``y``), ``post`` and ``comb``. They are functions of the 24 logits
     ``mix = (fn @ flatten(x)) * rsqrt(mean(x^2) + eps)``, i.e. of dot products 4d = 16384 / 28672
