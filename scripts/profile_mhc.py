@@ -36,6 +36,28 @@ TRACE_EVENTS = ("loads issued", "MMA start", "partials stored", "released", "red
                 "Sinkhorn done", "y has pre", "y done")
 
 
+def _smoke(dev) -> int:
+    """CUDA kernel vs the reference on small shapes (2 and 3 ring stages too); prints and returns 1 on a mismatch."""
+    from v4kernels.cuda import mhc as cu
+
+    bad = 0
+    for T, d in ((300, 64), (130, 4096), (70, 7168), (5, 48)):
+        g = torch.Generator(device="cpu").manual_seed(T + d)
+        x = torch.randn(T, 4, d, generator=g).to(torch.bfloat16)
+        fn = torch.randn(24, 4 * d, generator=g) * (2 / math.sqrt(4 * d))
+        base, scale = torch.randn(24, generator=g), torch.randn(3, generator=g)
+        want = ref.mhc_pre(x, fn, base, scale)
+        for stages in (None, 2, 3):
+            got = cu.mhc_pre(x.to(dev), fn.to(dev), base.to(dev), scale.to(dev), stages=stages)
+            err = max((a.cpu().float() - b.float()).abs().max().item() for a, b in zip(got[1:], want[1:]))
+            yerr = (got[0].cpu().float() - want[0].float()).abs().max().item()
+            ok = err <= 2e-5 and yerr <= 2e-2
+            bad += not ok
+            print(f"T={T} d={d} stages={stages}: post/comb max err {err:.2e}, y {yerr:.2e}" + ("" if ok else "  MISMATCH"))
+    torch.cuda.synchronize()
+    return 1 if bad else 0
+
+
 def _trace(args, dev) -> int:
     """CUDA kernel timeline: per tile, globaltimer stamps of CTA 0's steps and of the first token's reducer."""
     from v4kernels.cuda import mhc as cu
@@ -93,6 +115,8 @@ def main() -> int:
                     help="for a profiler: one call (ncu -k regex:_mhc_stream for triton, regex:mhc_pre_kernel for cuda)")
     ap.add_argument("--shipped-only", action="store_true",
                     help="time only the shipped Triton kernel and the CUDA kernel's variants")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the CUDA kernel on small shapes vs the reference, nothing timed (for compute-sanitizer)")
     ap.add_argument("--trace", action="store_true",
                     help="the CUDA kernel's per-tile timeline (median step times over the tiles) instead of timings")
     ap.add_argument("--backend", default="triton", choices=("triton", "cuda"), help="the kernel --once runs")
@@ -112,6 +136,8 @@ def main() -> int:
         return 0
     if args.trace:
         return _trace(args, dev)
+    if args.smoke:
+        return _smoke(dev)
     lines = []
 
     def say(s=""):
