@@ -51,15 +51,6 @@ def pre_supported(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters
     return plan(int(x.shape[2]), _sms(x.device))[2] >= MIN_STAGES
 
 
-PREFERRED_MIN_T = 512
-
-
-def pre_preferred(x, *args, **kwargs) -> bool:
-    """Where backend "auto" takes this kernel: T >= 512 (below, the Triton split-K path is meant for decode
-    sizes)."""
-    return x.shape[0] >= PREFERRED_MIN_T
-
-
 def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *, return_pre=False, out=None,
             stages=None, trace=None):
     """CUDA hc_pre: (y bf16 [T, d], post fp32 [T, 4], comb fp32 [T, 4, 4]) (+ pre [T, 4] for tests).
