@@ -34,6 +34,12 @@
 // The partial ring slot of tile t is rewritten for tile t + R only after this CTA's y warps finished tile t,
 // i.e. after every token of t had its pre published, which each reducer stores after (and computed from)
 // its reads of the slot.
+// Measured (H100, bench gpu_check_full_20261124-093653): 51.1% / 55.4% of HBM at T = 65536 for d = 4096 / 7168
+// (previous kernel 48.2 / 48.9%), faster than the Triton kernel at every T from 1. Bound by the cycle of a ring
+// stage (loads -> MMA -> grid-wide reduction -> y, ~15-19 us with the spread across CTAs) over the 12 / 6 stages
+// shared memory holds, not by HBM (scripts/profile_mhc.py --trace). Tried and dropped: an L2 prefetch of the
+// tile's contiguous block P tiles ahead (slower at P = 2, 4, 8); wgmma m64n24k16 with both operands in shared
+// memory instead of the four mma.sync warps (34-36%: the MMA became the bottleneck).
 // Numerics: a token's outputs depend on (d, NC) only (not on T or the other tokens); repeated calls give the
 // same bytes (no atomics on data). Non-contracted fp32 arithmetic (__fmul_rn / __fadd_rn) where the
 // reference rounds each operation.
