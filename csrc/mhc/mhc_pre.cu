@@ -20,7 +20,7 @@
 //   exact in fp32), a fresh accumulator per stream added in IEEE fp32 (a long MMA chain accumulates with
 //   truncation); Σx^2 from the A fragments. The 24 partial sums + Σx^2 of each token go to a global ring
 //   (slot tile % R, [64 tokens][NC][32] fp32) and arrive on the stage's `mma_done`; warp 14, the releaser,
-//   waits for it and does one fence + release-add per CTA on cnt1[tile] (target NC).
+//   waits for it and does one release-add (red.release.gpu) per CTA on cnt1[tile] (target NC).
 // * warps 6-9, reducers: CTA j reduces tokens j, j + NC, j + 2 NC, ... (warp r every 4th of them, in
 //   order). Wait cnt1[tile] (acquire), sum the NC partials (lane 8g + q: float4 q of CTAs g, g + 4, ..., in
 //   order, then (g0 + g1) + (g2 + g3)), pre and post; publish pre as four (value, flag) 8-byte pairs in a
@@ -39,7 +39,9 @@
 // stage (loads -> MMA -> grid-wide reduction -> y, ~15-19 us with the spread across CTAs) over the 12 / 6 stages
 // shared memory holds, not by HBM (scripts/profile_mhc.py --trace). Tried and dropped: an L2 prefetch of the
 // tile's contiguous block P tiles ahead (slower at P = 2, 4, 8); wgmma m64n24k16 with both operands in shared
-// memory instead of the four mma.sync warps (34-36%: the MMA became the bottleneck).
+// memory instead of the four mma.sync warps (34-36%: the MMA became the bottleneck); one MMA warp per stream
+// with its fn fragments in registers (a 7th stage at d = 7168) and the streams summed warp by warp through
+// shared memory (38.9 / 52.8%: the serialised exchange cost more than the stage gained).
 // Numerics: a token's outputs depend on (d, NC) only (not on T or the other tokens); repeated calls give the
 // same bytes (no atomics on data). Non-contracted fp32 arithmetic (__fmul_rn / __fadd_rn) where the
 // reference rounds each operation.

@@ -2,7 +2,8 @@
 
 Same signature as ``v4kernels.ops.mhc.mhc_pre``'s implementations (inputs checked there). Plans the
 kernel (``plan``: channel slice per CTA and ring depth), allocates the outputs and the workspace (a ring of
-per-CTA partial sums, two counters per 64-token tile, zeroed) and calls
+per-CTA partial sums; one zeroed buffer with a counter per 64-token tile and the per-token pre (value, flag)
+pairs) and calls
 ``torch.ops.v4kernels_C.mhc_pre_out``. No host synchronisation, CUDA-graph capturable.
 
 Numerics: fn is split into three exact bf16 parts on the tensor cores, so every product is exact; each
@@ -56,8 +57,7 @@ def mhc_pre(x, fn, base, scale, norm_eps=1e-6, hc_eps=1e-6, sinkhorn_iters=20, *
     """CUDA hc_pre: (y bf16 [T, d], post fp32 [T, 4], comb fp32 [T, 4, 4]) (+ pre [T, 4] for tests).
 
     ``out``: (y, post, comb, pre) buffers to write (tests pass NaN-poisoned ones). ``stages`` (ring depth,
-    2..16) and ``prefetch`` (L2 prefetch distance in tiles, 0 = off): overrides for profiling; they do not
-    change the results. ``trace``: int64 [ceil(T / 64), 9 + 2 NC] that receives the kernel's timeline
+    2..16): override for profiling; it does not change the results. ``trace``: int64 [ceil(T / 64), 9 + 2 NC] that receives the kernel's timeline
     (profiling; events in csrc/mhc/mhc_pre.cu)."""
     T, _, d = x.shape
     dev = x.device
